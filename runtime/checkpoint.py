@@ -1,0 +1,386 @@
+"""Official NOVA checkpoint folders: strict loading, and synthetic random-weight checkpoints.
+
+A folder looks like the published ones (diffusers layout):
+
+    model_index.json
+    scheduler/scheduler_config.json
+    text_encoder/{__text_encoder__.py, config.json, model-0000{1,2}-of-00002.safetensors, model.safetensors.index.json}
+    tokenizer/{tokenizer.json, tokenizer_config.json}
+    transformer/{__transformer__.py, config.json, diffusion_pytorch_model.safetensors}
+    vae/{__vae__.py, config.json, diffusion_pytorch_model.safetensors}
+
+Every weight file is checked key by key against the module built from the folder's config: a
+missing, unexpected or mis-shaped tensor is one `CheckpointError` naming them all.
+
+    python -m runtime.checkpoint synth --variant tiny-t2i --out DIR [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from runtime.model.config import NOVAConfig
+from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
+from runtime.model.transformer import NOVATransformer3DModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, malformed or does not match its configs."""
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_SHARDS = 2  # the published Phi-2 weights come in two shards
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component: a sharded index, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        shards = sorted(set(read_json(indexes[0]).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if not shards or missing:
+            raise CheckpointError(f"{indexes[0]} names missing shards: {', '.join(missing) or '(none listed)'}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors weights in {folder}")
+    if len(files) > 1:
+        raise CheckpointError(f"several .safetensors files and no index in {folder}: {', '.join(f.name for f in files)}")
+    return files
+
+
+def read_state_dict(folder: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    if keep(key):
+                        state[key] = handle.get_tensor(key)
+        except (OSError, ValueError, RuntimeError) as error:  # truncated or not a safetensors file
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read {path}: {error}") from None
+    return state
+
+
+def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(f"{k} {list(found[k].shape)} (expected {list(expected[k])})"
+                       for k in set(expected) & set(found) if found[k].shape != expected[k])
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"weights in {where} do not match its config; " + "; ".join(problems))
+
+
+def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str,
+                 expected: dict[str, torch.Size] | None = None, prefix: str = "") -> nn.Module:
+    """Strictly load `folder`'s weights into a module built on the meta device.
+
+    `expected` is the full key set of the file (defaults to the module's own state dict); only keys
+    starting with `prefix` are loaded, with the prefix removed.
+    """
+    expected = expected or {k: v.shape for k, v in module.state_dict().items()}
+    keys_found = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                keys_found[key] = _Shape(handle.get_slice(key).get_shape())
+    check_keys(expected, keys_found, folder)
+    state = read_state_dict(folder, keep=lambda key: key.startswith(prefix))
+    state = {k[len(prefix):]: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+class _Shape:
+    """Shape-only stand-in for a tensor, so key checking does not read the weights."""
+
+    def __init__(self, shape: list[int]):
+        self.shape = torch.Size(shape)
+
+
+def model_index(folder: str | os.PathLike) -> dict[str, Any]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    index = read_json(root / "model_index.json")
+    for component in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
+        if component not in index:
+            raise CheckpointError(f"{root / 'model_index.json'} has no {component!r} entry")
+        if not (root / component).is_dir():
+            raise CheckpointError(f"checkpoint folder {root} has no {component}/ subfolder")
+    return index
+
+
+def transformer_config(folder: str | os.PathLike) -> NOVAConfig:
+    path = Path(folder) / "transformer" / "config.json"
+    try:
+        return NOVAConfig.from_dict(read_json(path))
+    except (TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def load_transformer(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> NOVATransformer3DModel:
+    config = transformer_config(folder)
+    with torch.device("meta"):
+        model = NOVATransformer3DModel(config)
+    load_weights(model, Path(folder) / "transformer", dtype, device)
+    return model.to(device).eval()
+
+
+def load_text_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu"):
+    """Phi-2 body from `text_encoder/` (its unused `lm_head` is checked but not read)."""
+    sub = Path(folder) / "text_encoder"
+    config = phi_config_from_dict(read_json(sub / "config.json"))
+    with torch.device("meta"):
+        encoder = build_text_encoder(config)
+    expected = {f"model.{k}": v.shape for k, v in encoder.state_dict().items()}
+    expected["lm_head.weight"] = torch.Size([config.vocab_size, config.hidden_size])
+    expected["lm_head.bias"] = torch.Size([config.vocab_size])
+    load_weights(encoder, sub, dtype, device, expected, prefix="model.")
+    encoder.rotary_emb = type(encoder.rotary_emb)(config=config, device=device)  # non-persistent inv_freq
+    return encoder.eval()
+
+
+def load_vae(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    from runtime.model.vae import vae_class
+
+    sub = Path(folder) / "vae"
+    raw = read_json(sub / "config.json")
+    cls = vae_class(raw.get("_class_name"), sub)
+    with torch.device("meta"):
+        vae = cls.from_config(raw)
+    return load_weights(vae, sub, dtype, device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic checkpoints
+# ---------------------------------------------------------------------------------------------------
+PHI2_CONFIG = {
+    "architectures": ["PhiEncoderModel"], "model_type": "phi", "vocab_size": 51200, "hidden_size": 2560,
+    "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "partial_rotary_factor": 0.4, "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "hidden_act": "gelu_pytorch_tanh",
+    "max_position_embeddings": 2048, "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256,
+    "qk_layernorm": False, "tie_word_embeddings": False, "torch_dtype": "float16",
+}
+TINY_PHI_CONFIG = {**PHI2_CONFIG, "hidden_size": 80, "intermediate_size": 320, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 2}
+
+SDXL_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32,
+    "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True,
+}
+TINY_SDXL_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
+                        "sample_size": 64}
+
+FLOW_MATCH_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+# The released DDPM config was not retrievable (NOVA_SPEC §8); these are diffusers' defaults, written out.
+DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                  "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True, "clip_sample_range": 1.0,
+                  "prediction_type": "epsilon", "variance_type": "fixed_small", "timestep_spacing": "leading"}
+
+
+def _t2i_transformer(width: int, image_size: int, depths=(16, 32, 6), text_dim: int = 2560) -> dict[str, Any]:
+    grid = image_size // 8
+    return {"image_dim": 4, "image_size": image_size, "image_stride": 8, "text_token_dim": text_dim,
+            "text_token_len": 256, "image_base_size": [grid // 2, grid // 2], "video_base_size": [1, grid // 4, grid // 4],
+            "arch": [f"vit_d{depths[0]}w{width}", f"vit_d{depths[1]}w{width}", f"mlp_d{depths[2]}w{width}"]}
+
+
+def _t2v_transformer(width: int, mlp: tuple[int, int], size: tuple[int, int], depths=(16, 32), text_dim: int = 2560,
+                     rank: int = 24) -> dict[str, Any]:
+    h, w = size[0] // 8, size[1] // 8
+    return {"image_dim": 4, "image_size": list(size), "image_stride": 8, "text_token_dim": text_dim,
+            "text_token_len": 256, "image_base_size": [h // 2, w // 2], "video_base_size": [16, h // 4, w // 4],
+            "video_mixer_rank": rank,
+            "arch": [f"vit_d{depths[0]}w{width}", f"vit_d{depths[1]}w{width}", f"mlp_d{mlp[0]}w{mlp[1]}"]}
+
+
+def _variants() -> dict[str, dict[str, Any]]:
+    from runtime.model.vae_opensora import OSP480_VAE_CONFIG, TINY_VAE_CONFIG
+
+    t2i = {"scheduler": FLOW_MATCH_SCHEDULER, "text_encoder": PHI2_CONFIG, "vae": SDXL_VAE_CONFIG}
+    t2v = {"scheduler": DDPM_SCHEDULER, "text_encoder": PHI2_CONFIG, "vae": OSP480_VAE_CONFIG}
+    return {
+        "tiny-t2i": {**t2i, "text_encoder": TINY_PHI_CONFIG, "vae": TINY_SDXL_VAE_CONFIG,
+                     "transformer": _t2i_transformer(64, 64, depths=(2, 4, 2), text_dim=80)},
+        "tiny-t2v": {**t2v, "text_encoder": TINY_PHI_CONFIG, "vae": TINY_VAE_CONFIG,
+                     "transformer": _t2v_transformer(64, (2, 80), (64, 96), depths=(2, 4), text_dim=80, rank=8)},
+        "d48w768-sdxl1024": {**t2i, "transformer": _t2i_transformer(768, 1024)},
+        "d48w1024-sdxl1024": {**t2i, "transformer": _t2i_transformer(1024, 1024)},
+        "d48w1536-sdxl1024": {**t2i, "transformer": _t2i_transformer(1536, 1024)},
+        "d48w1024-osp480": {**t2v, "transformer": _t2v_transformer(1024, (3, 1280), (480, 768))},
+    }
+
+
+VARIANT_NAMES = ("tiny-t2i", "tiny-t2v", "d48w768-sdxl1024", "d48w1024-sdxl1024", "d48w1536-sdxl1024", "d48w1024-osp480")
+
+
+def random_state_dict(shapes: dict[str, torch.Size], generator: torch.Generator,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded weights that keep activations in range: norms 1, biases 0, weights N(0, 1/fan_in)."""
+    state = {}
+    for key, shape in shapes.items():
+        if len(shape) == 1:
+            value = torch.ones(shape) if key.endswith("weight") and "norm" in key else torch.zeros(shape)
+        else:
+            fan_in = max(1, shape[1:].numel())
+            value = torch.randn(shape, generator=generator) / fan_in**0.5
+        state[key] = value.to(dtype)
+    return state
+
+
+SHIMS = {
+    "transformer": ("__transformer__.py", "NOVATransformer3DModel", "diffnext.models.transformers.transformer_nova"),
+    "text_encoder": ("__text_encoder__.py", "PhiEncoderModel", "diffnext.models.text_encoders.phi"),
+}
+
+
+def _write_shim(folder: Path, component: str, class_name: str, module: str) -> None:
+    # The official pipeline resolves `__xxx__` entries of model_index.json through these files.
+    (folder / f"__{component}__.py").write_text(
+        f'"""Points diffusers at the official NOVA class (written by nova-runtime)."""\n\n'
+        f"from {module} import {class_name}  # noqa: F401\n")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def synthesize(variant: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of `variant` to `out`, file for file like the official ones.
+
+    Written to a temporary sibling folder and renamed at the end, so an interrupted run leaves no
+    half-written checkpoint behind.
+    """
+    variants = _variants()
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANT_NAMES)}")
+    spec, target = variants[variant], Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _synthesize_into(spec, staging, torch.Generator().manual_seed(seed))
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _synthesize_into(spec: dict[str, Any], root: Path, generator: torch.Generator) -> None:
+    from runtime.model.vae import vae_class
+
+    vae_config = spec["vae"]
+    _write_json(root / "model_index.json", {
+        "_class_name": "NOVAPipeline", "_diffusers_version": "0.31.0",
+        "scheduler": ["diffusers", spec["scheduler"]["_class_name"]],
+        "text_encoder": ["__text_encoder__", "PhiEncoderModel"],
+        "tokenizer": ["transformers", "CodeGenTokenizerFast"],
+        "transformer": ["__transformer__", "NOVATransformer3DModel"],
+        "vae": ["__vae__", vae_config["_class_name"]],
+    })
+    _write_json(root / "scheduler" / "scheduler_config.json", spec["scheduler"])
+    write_synthetic_tokenizer(root / "tokenizer")
+
+    # transformer: 16-bit storage, like the published files
+    _write_json(root / "transformer" / "config.json", {"_diffusers_version": "0.31.0", **spec["transformer"]})
+    _write_shim(root / "transformer", "transformer", "NOVATransformer3DModel", "diffnext.models.transformers.transformer_nova")
+    with torch.device("meta"):
+        transformer = NOVATransformer3DModel(NOVAConfig.from_dict(spec["transformer"]))
+    shapes = {k: v.shape for k, v in transformer.state_dict().items()}
+    save_file(random_state_dict(shapes, generator, torch.float16), str(root / "transformer" / WEIGHTS_NAME))
+
+    # text encoder: Phi-2 in two shards plus index, fp16
+    text_dir = root / "text_encoder"
+    _write_json(text_dir / "config.json", spec["text_encoder"])
+    _write_shim(text_dir, "text_encoder", "PhiEncoderModel", "diffnext.models.text_encoders.phi")
+    with torch.device("meta"):
+        phi = build_text_encoder(phi_config_from_dict(spec["text_encoder"]))
+    shapes = {f"model.{k}": v.shape for k, v in phi.state_dict().items()}
+    hidden, vocab = spec["text_encoder"]["hidden_size"], spec["text_encoder"]["vocab_size"]
+    shapes.update({"lm_head.weight": torch.Size([vocab, hidden]), "lm_head.bias": torch.Size([vocab])})
+    _save_sharded(random_state_dict(shapes, generator, torch.float16), text_dir, TEXT_ENCODER_SHARDS)
+
+    # VAE: fp32, like the published SDXL-type file
+    _write_json(root / "vae" / "config.json", vae_config)
+    _write_shim(root / "vae", "vae", vae_config["_class_name"], "diffnext.models.autoencoders")
+    with torch.device("meta"):
+        vae = vae_class(vae_config["_class_name"], root / "vae").from_config(vae_config)
+    shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    save_file(random_state_dict(shapes, generator, torch.float32), str(root / "vae" / WEIGHTS_NAME))
+
+
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int) -> None:
+    keys = list(state)
+    per_shard = -(-len(keys) // num_shards)
+    weight_map, total = {}, 0
+    for i in range(num_shards):
+        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        shard = {k: state[k].contiguous() for k in keys[i * per_shard:(i + 1) * per_shard]}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write a synthetic random-weight checkpoint in the official layout")
+    synth.add_argument("--variant", required=True, choices=VARIANT_NAMES, help="model to imitate")
+    synth.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        path = synthesize(args.variant, args.out, args.seed)
+    except (ValueError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote synthetic {args.variant} checkpoint (seed {args.seed}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
