@@ -173,7 +173,7 @@ def load_text_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.floa
     expected["lm_head.weight"] = torch.Size([config.vocab_size, config.hidden_size])
     expected["lm_head.bias"] = torch.Size([config.vocab_size])
     load_weights(encoder, sub, dtype, device, expected, prefix="model.")
-    encoder.rotary_emb = type(encoder.rotary_emb)(config=config, device=device)  # non-persistent inv_freq
+    encoder.rotary_emb = type(encoder.rotary_emb)(config).to(device)  # its inv_freq is not in the file
     return encoder.eval()
 
 
@@ -301,6 +301,8 @@ def synthesize(variant: str, out: str | os.PathLike, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _synthesize_into(spec, staging, torch.Generator().manual_seed(seed))
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors create private modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             target.rmdir()
         staging.rename(target)

@@ -75,8 +75,9 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = self.kernel_size[0] - 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.time_pad:
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        if self.time_pad:  # a replicate pad (not a cat) keeps the input's memory layout, hence the
+            # same conv kernels and bit-identical fp32 results as upstream's ReplicationPad3d
+            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0), mode="replicate")
         return super().forward(x)
 
 

@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    synthetic default NOVA -> an image and a video under outputs/
+#   make test   the test suite (CPU)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup run test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[onnxruntime,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/python -m runtime reference --synthetic tiny-t2i --prompt "a watercolor fox in a snowy forest" --out outputs/tiny-t2i.png
+	$(BIN)/python -m runtime reference --synthetic tiny-t2v --latent-length 9 --prompt "waves rolling onto a beach" --out outputs/tiny-t2v.mp4
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf outputs checkpoints engines/*/ .pytest_cache
