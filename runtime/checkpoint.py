@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -73,26 +73,35 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def _read(path: Path, read: Callable[[Any], Any]) -> Any:
+    """Run `read` on an open safetensors file; unreadable files become a CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return read(handle)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def read_shapes(folder: Path) -> dict[str, torch.Size]:
+    """Key -> shape of every tensor of a component, without reading the data."""
+    shapes: dict[str, torch.Size] = {}
+    for path in weight_files(folder):
+        shapes.update(_read(path, lambda f: {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}))
+    return shapes
+
+
 def read_state_dict(folder: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    if keep(key):
-                        state[key] = handle.get_tensor(key)
-        except (OSError, ValueError, RuntimeError) as error:  # truncated or not a safetensors file
-            if isinstance(error, CheckpointError):
-                raise
-            raise CheckpointError(f"cannot read {path}: {error}") from None
+        state.update(_read(path, lambda f: {k: f.get_tensor(k) for k in f.keys() if keep(k)}))
     return state
 
 
-def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: Path) -> None:
+def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size], where: Path) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k} {list(found[k].shape)} (expected {list(expected[k])})"
-                       for k in set(expected) & set(found) if found[k].shape != expected[k])
+    misshaped = sorted(f"{k} {list(found[k])} (expected {list(expected[k])})"
+                       for k in set(expected) & set(found) if found[k] != expected[k])
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
@@ -110,12 +119,7 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device: to
     starting with `prefix` are loaded, with the prefix removed.
     """
     expected = expected or {k: v.shape for k, v in module.state_dict().items()}
-    keys_found = {}
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                keys_found[key] = _Shape(handle.get_slice(key).get_shape())
-    check_keys(expected, keys_found, folder)
+    check_keys(expected, read_shapes(folder), folder)
     state = read_state_dict(folder, keep=lambda key: key.startswith(prefix))
     state = {k[len(prefix):]: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
              for k, v in state.items()}
@@ -123,23 +127,18 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device: to
     return module
 
 
-class _Shape:
-    """Shape-only stand-in for a tensor, so key checking does not read the weights."""
-
-    def __init__(self, shape: list[int]):
-        self.shape = torch.Size(shape)
-
-
 def model_index(folder: str | os.PathLike) -> dict[str, Any]:
     root = Path(folder)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
     index = read_json(root / "model_index.json")
-    for component in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
-        if component not in index:
-            raise CheckpointError(f"{root / 'model_index.json'} has no {component!r} entry")
-        if not (root / component).is_dir():
-            raise CheckpointError(f"checkpoint folder {root} has no {component}/ subfolder")
+    components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    missing = [c for c in components if c not in index]
+    if missing:
+        raise CheckpointError(f"{root / 'model_index.json'} has no {', '.join(map(repr, missing))} entry")
+    missing = [c for c in components if not (root / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"checkpoint folder {root} has no {', '.join(c + '/' for c in missing)} subfolder")
     return index
 
 

@@ -65,7 +65,7 @@ class SamplerTable:
             raise ValueError(f"num_diffusion_steps must be >= 1, got {num_steps}")
         scheduler.set_timesteps(num_steps)
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-            sigmas = scheduler.sigmas.double()
+            sigmas = scheduler.sigmas  # fp32, differenced in fp32 as diffusers does: bit-identical steps
             rows = [(0.0, 1.0, float(sigmas[j + 1] - sigmas[j]), 1.0, 0.0) for j in range(num_steps)]
             clip = None
         elif isinstance(scheduler, DDPMScheduler):

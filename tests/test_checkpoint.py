@@ -1,0 +1,134 @@
+"""Checkpoint folders: synthetic layout, strict loading, clear errors, nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from runtime import checkpoint
+from runtime.checkpoint import CheckpointError, load_text_encoder, load_transformer, load_vae, synthesize
+
+OFFICIAL_FILES = {
+    "model_index.json", "scheduler/scheduler_config.json",
+    "text_encoder/__text_encoder__.py", "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+    "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "transformer/__transformer__.py", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "vae/__vae__.py", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+}
+
+
+def test_synthetic_folder_has_the_official_layout(tiny_t2i):
+    files = {str(p.relative_to(tiny_t2i)) for p in tiny_t2i.rglob("*") if p.is_file()}
+    assert files == OFFICIAL_FILES
+    index = json.loads((tiny_t2i / "model_index.json").read_text())
+    assert index["transformer"] == ["__transformer__", "NOVATransformer3DModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["tokenizer"] == ["transformers", "CodeGenTokenizerFast"]
+    # 16-bit transformer storage, as published
+    assert {t.dtype for t in load_file(tiny_t2i / "transformer" / checkpoint.WEIGHTS_NAME).values()} == {torch.float16}
+
+
+def test_round_trip_loads_exactly_the_stored_weights(tiny_t2i):
+    stored = load_file(tiny_t2i / "transformer" / checkpoint.WEIGHTS_NAME)
+    model = load_transformer(tiny_t2i, dtype=torch.float32)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stored[key].float()), key
+    phi = load_text_encoder(tiny_t2i)
+    shard = load_file(tiny_t2i / "text_encoder" / "model-00001-of-00002.safetensors")
+    key = next(k for k in shard if k.startswith("model."))
+    assert torch.equal(phi.state_dict()[key[len("model."):]], shard[key].float())
+    assert load_vae(tiny_t2i).config.scaling_factor == 0.13025
+
+
+def test_seed_changes_weights_and_same_seed_repeats(tmp_path):
+    a = synthesize("tiny-t2i", tmp_path / "a", seed=1)
+    b = synthesize("tiny-t2i", tmp_path / "b", seed=1)
+    c = synthesize("tiny-t2i", tmp_path / "c", seed=2)
+    name = "transformer/" + checkpoint.WEIGHTS_NAME
+    wa, wb, wc = (load_file(p / name)["mask_embed.mask_token"] for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.fixture
+def broken(tiny_t2i, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_t2i, copy)
+    return copy
+
+
+def _edit_transformer(folder, edit):
+    path = folder / "transformer" / checkpoint.WEIGHTS_NAME
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+def test_missing_unexpected_and_misshaped_weights_are_named(broken):
+    def edit(state):
+        del state["mask_embed.bos_token"]
+        state["mask_embed.extra_token"] = torch.zeros(1, 64)
+        state["text_embed.proj.bias"] = torch.zeros(65)
+    _edit_transformer(broken, edit)
+    with pytest.raises(CheckpointError) as info:
+        load_transformer(broken)
+    message = str(info.value)
+    assert "missing: mask_embed.bos_token" in message
+    assert "unexpected: mask_embed.extra_token" in message
+    assert "text_embed.proj.bias [65] (expected [64])" in message
+
+
+def test_bf16_storage_loads(broken):
+    _edit_transformer(broken, lambda s: s.update({k: v.to(torch.bfloat16) for k, v in s.items()}))
+    assert load_transformer(broken, dtype=torch.float32).mask_embed.bos_token.dtype == torch.float32
+
+
+def test_corrupt_and_missing_files_give_clear_errors(broken):
+    (broken / "vae" / checkpoint.WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_vae(broken)
+    (broken / "text_encoder" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names missing shards: model-00002-of-00002"):
+        load_text_encoder(broken)
+    (broken / "transformer" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_transformer(broken)
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.model_index(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="missing file .*model_index.json"):
+        checkpoint.model_index(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["x", "y"]}))
+    with pytest.raises(CheckpointError, match="no 'text_encoder', 'tokenizer', 'vae', 'scheduler' entry"):
+        checkpoint.model_index(tmp_path)
+
+
+def test_synthesize_refuses_unknown_variant_and_non_empty_target(tmp_path):
+    with pytest.raises(ValueError, match="unknown variant 'tiny'.*tiny-t2i"):
+        synthesize("tiny", tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        synthesize("tiny-t2i", tmp_path / "full")
+
+
+def test_interrupted_synthesis_leaves_nothing(tmp_path, monkeypatch):
+    def fail(spec, root, generator):
+        (root / "model_index.json").write_text("{}")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(checkpoint, "_synthesize_into", fail)
+    with pytest.raises(RuntimeError):
+        synthesize("tiny-t2i", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert checkpoint.main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 0
+    assert checkpoint.main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        checkpoint.main(["synth", "--variant", "huge", "--out", str(tmp_path / "b")])
