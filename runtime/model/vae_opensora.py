@@ -116,8 +116,8 @@ class FrameAttention(nn.Module):
         h = h.unsqueeze(2) if h.dim() == 4 else h
         b, c, t, height, width = h.shape
         tokens = h.permute(0, 2, 3, 4, 1).reshape(b * t, height * width, c)  # one sequence per frame
-        q, k, v = (f(tokens).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # one head
-        o = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        q, k, v = (f(tokens).unsqueeze(2).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))  # 1 head
+        o = self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
         o = o.view(b, t, height, width, c).permute(0, 4, 1, 2, 3)
         return o.reshape(x.shape)
 
