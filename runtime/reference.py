@@ -267,7 +267,7 @@ class ReferencePipeline:
                 order = draws.uniform(mask.shape, dtype).to(canvas.device).argsort(dim=1)
             selected = order[:, position:position + count]
             position += count
-            z = model.spatial(dup(canvas), dup(mask), indicator, dup(known)[..., 0])
+            z = model.spatial(canvas, mask, indicator, dup(known)[..., 0])
             pred_mask = torch.zeros_like(mask).scatter(1, selected, 1)
             mask = mask * (1 - pred_mask)
             known = torch.cat([known, selected], dim=1)
@@ -291,6 +291,6 @@ class ReferencePipeline:
                 cond, uncond = out.chunk(2)
                 out = uncond + (cond - uncond) * g
             model_out = unpatchify(tokens.scatter(1, index, out), p, h, w)
-            step_noise = draws.normal(tuple(x.shape), model_out.dtype).to(x.device) if sampler.coefficients[j, 4] else None
+            step_noise = draws.normal(tuple(x.shape), model_out.dtype).to(x.device) if sampler.draws_noise(j) else None
             x = sampler.step(j, x, model_out, step_noise)
         return patchify(x, p)

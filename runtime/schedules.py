@@ -55,7 +55,7 @@ class SamplerTable:
     """Per diffusion step: the model's timestep input and the update coefficients (see module doc)."""
 
     timesteps: torch.Tensor  # [S] float32, what the diffusion head sees
-    coefficients: torch.Tensor  # [S, 5] float32: a, b, c, d, e
+    coefficients: torch.Tensor  # [S, 6] float32: a, b, r, c, d, e
     clip_range: float | None  # None: no clipping
     stochastic: bool  # whether any step adds noise (e != 0)
 
@@ -66,51 +66,59 @@ class SamplerTable:
         scheduler.set_timesteps(num_steps)
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             sigmas = scheduler.sigmas  # fp32, differenced in fp32 as diffusers does: bit-identical steps
-            rows = [(0.0, 1.0, float(sigmas[j + 1] - sigmas[j]), 1.0, 0.0) for j in range(num_steps)]
+            rows = [(0.0, 1.0, 1.0, float(sigmas[j + 1] - sigmas[j]), 1.0, 0.0) for j in range(num_steps)]
             clip = None
         elif isinstance(scheduler, DDPMScheduler):
             rows, clip = _ddpm_rows(scheduler), (scheduler.config.clip_sample_range if scheduler.config.clip_sample else None)
         else:
             raise TypeError(f"unsupported scheduler {type(scheduler).__name__}")
         coefficients = torch.tensor(rows, dtype=torch.float32)
-        return cls(scheduler.timesteps.float(), coefficients, clip, bool((coefficients[:, 4] != 0).any()))
+        return cls(scheduler.timesteps.float(), coefficients, clip, bool((coefficients[:, 5] != 0).any()))
+
+    def draws_noise(self, index: int) -> bool:
+        """Whether step `index` adds noise (and so consumes a draw): DDPM at t > 0."""
+        return bool(self.coefficients[index, 5] != 0)
 
     def step(self, index: int, x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """One update in fp32, cast back to the model output's dtype (as diffusers does)."""
-        a, b, c, d, e = self.coefficients[index].tolist()
-        pred = a * x.float() + b * model_out.float()
+        """One update in fp32, cast back to the model output's dtype."""
+        a, b, r, c, d, e = (v.reshape(()) for v in self.coefficients[index].split(1))
+        x32 = x.float()
+        pred = (a * x32 + b * model_out.float()) / r
         if self.clip_range is not None:
             pred = pred.clamp(-self.clip_range, self.clip_range)
-        out = c * pred + d * x.float()
-        if e:
+        out = c * pred + d * x32
+        if noise is not None:
             out = out + e * noise.float()
         return out.to(model_out.dtype)
 
 
 def _ddpm_rows(scheduler: DDPMScheduler) -> list[tuple[float, ...]]:
-    config, alphas_cumprod = scheduler.config, scheduler.alphas_cumprod.double()
+    """diffusers' DDPMScheduler.step coefficients, computed with its fp32 operations."""
+    config, alphas_cumprod, one = scheduler.config, scheduler.alphas_cumprod, torch.tensor(1.0)
     rows = []
     for t in scheduler.timesteps.tolist():
         prev_t = scheduler.previous_timestep(t)
         prev_t = int(prev_t.item() if torch.is_tensor(prev_t) else prev_t)
-        abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-        beta = 1 - abar / abar_prev
-        if config.prediction_type == "epsilon":
-            a, b = 1 / abar.sqrt(), -(1 - abar).sqrt() / abar.sqrt()
+        alpha_prod = alphas_cumprod[t]
+        alpha_prod_prev = alphas_cumprod[prev_t] if prev_t >= 0 else one
+        beta_prod, beta_prod_prev = 1 - alpha_prod, 1 - alpha_prod_prev
+        current_alpha = alpha_prod / alpha_prod_prev
+        current_beta = 1 - current_alpha
+        if config.prediction_type == "epsilon":  # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+            a, b, r = one, -(beta_prod**0.5), alpha_prod**0.5
         elif config.prediction_type == "sample":
-            a, b = torch.tensor(0.0), torch.tensor(1.0)
-        elif config.prediction_type == "v_prediction":
-            a, b = abar.sqrt(), -(1 - abar).sqrt()
+            a, b, r = 0 * one, one, one
+        elif config.prediction_type == "v_prediction":  # x0 = sqrt(abar) x - sqrt(1 - abar) v
+            a, b, r = alpha_prod**0.5, -(beta_prod**0.5), one
         else:
             raise ValueError(f"unsupported DDPM prediction_type {config.prediction_type!r}")
-        c = abar_prev.sqrt() * beta / (1 - abar)
-        d = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
+        c = (alpha_prod_prev**0.5 * current_beta) / beta_prod
+        d = current_alpha**0.5 * beta_prod_prev / beta_prod
         if t == 0:
-            e = torch.tensor(0.0)
+            e = 0 * one
         elif config.variance_type == "fixed_small":
-            e = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20).sqrt()
+            e = torch.clamp((1 - alpha_prod_prev) / (1 - alpha_prod) * current_beta, min=1e-20) ** 0.5
         else:  # fixed_large
-            e = beta.sqrt()
-        rows.append(tuple(float(v) for v in (a, b, c, d, e)))
+            e = current_beta**0.5
+        rows.append(tuple(float(v) for v in (a, b, r, c, d, e)))
     return rows

@@ -27,7 +27,7 @@ def test_mask_schedule_rejects_bad_steps():
         mask_schedule(16, 0)
 
 
-def _run_pair(scheduler, steps, seed=0, exact=False):
+def _run_pair(scheduler, steps, seed=0):
     """Step diffusers' scheduler and our table side by side: each step from the same input and noise."""
     table = SamplerTable.from_scheduler(scheduler, steps)
     scheduler.set_timesteps(steps)
@@ -40,18 +40,15 @@ def _run_pair(scheduler, steps, seed=0, exact=False):
         state = gen.get_state()
         previous, theirs = theirs, scheduler.step(model_out, t, theirs, generator=gen).prev_sample
         gen.set_state(state)  # our step draws the same noise, only where diffusers draws it
-        noise = torch.randn(x.shape, generator=gen) if table.coefficients[j, 4] else None
+        noise = torch.randn(x.shape, generator=gen) if table.draws_noise(j) else None
         ours = table.step(j, previous, model_out, noise)
         assert gen.get_state().equal(state) == (noise is None)  # same RNG consumption
-        if exact:
-            assert torch.equal(ours, theirs)
-        else:  # fp32 rounding: diffusers divides by sqrt(alpha_bar) in fp32, we use fp64 coefficients
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        assert torch.equal(ours, theirs)  # bit for bit in fp32
     return table
 
 
 def test_flow_match_table_equals_diffusers_bitwise():
-    table = _run_pair(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), 25, exact=True)
+    table = _run_pair(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), 25)
     assert not table.stochastic and table.timesteps[0] == 1000.0 and table.timesteps[-1] == 1.0
 
 
@@ -63,6 +60,6 @@ def test_flow_match_table_equals_diffusers_bitwise():
     {"timestep_spacing": "linspace", "clip_sample_range": 2.0},
 ])
 @pytest.mark.parametrize("steps", [25, 100])
-def test_ddpm_table_equals_diffusers(config, steps):
+def test_ddpm_table_equals_diffusers_bitwise(config, steps):
     table = _run_pair(DDPMScheduler(**config), steps)
     assert table.stochastic

@@ -372,9 +372,12 @@ class NOVATransformer3DModel(nn.Module):
     # -- spatial ----------------------------------------------------------------------------------
     def spatial(self, canvas: torch.Tensor, mask: torch.Tensor, indicator: torch.Tensor,
                 known_ids: torch.Tensor) -> torch.Tensor:
-        """canvas [M, C, h, w], mask [M, N, 1] (1 = unknown), indicator [M, Nv, D], known_ids [M, k]
-        -> per-token conditions Z [M, N, D]."""
+        """canvas [B, C, h, w], mask [B, N, 1] (1 = unknown), indicator [M, Nv, D], known_ids [M, k]
+        -> per-token conditions Z [M, N, D]. M = 2B under CFG: both halves see the same canvas,
+        duplicated after the patch embedding as the official code does (same rounding)."""
         tokens = self.mask_embed.apply_mask(self.image_encoder.patch_embed(canvas), mask)
+        if indicator.shape[0] != tokens.shape[0]:
+            tokens = torch.cat([tokens] * (indicator.shape[0] // tokens.shape[0]))
         tokens = tokens + self.image_space_embed.to(tokens.dtype)
         return self.image_encoder.forward_masked(tokens, indicator, known_ids)
 
