@@ -31,27 +31,16 @@ __all__ = ["AutoencoderKLOpenSora", "DiagonalGaussianDistribution", "OSP480_VAE_
 # The official class hard-wires these; `norm_num_groups` is registered in the config but not used.
 NORM_GROUPS, NORM_EPS = 32, 1e-6
 
-# Released vae/config.json of BAAI/nova-d48w1024-osp480. Only "Block2D" in a block name matters: every
-# other name selects a 3-D (causal) block, so the exact 3-D names do not change the model.
+# Released vae/config.json of BAAI/nova-d48w1024-osp480 (values: NOVA_SPEC 1.3). The block-type strings
+# are not verified verbatim, but only "Block2D" in a name matters (any other name selects a causal 3-D
+# block), so they cannot change the model.
 OSP480_VAE_CONFIG: dict = {
-    "_class_name": "AutoencoderKLOpenSora",
-    "in_channels": 3,
-    "out_channels": 3,
+    "_class_name": "AutoencoderKLOpenSora", "in_channels": 3, "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock3D", "DownEncoderBlock3D"],
-    "up_block_types": ["UpDecoderBlock3D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 480,
-    "scaling_factor": 0.18215,
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "force_upcast": True,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
+    "up_block_types": ["UpDecoderBlock3D"] * 4, "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "sample_size": 480,
+    "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None,
+    "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True,
 }
 # Same structure (2-D/3-D split, temporal up/down sampling, mid attention, tiling), tiny widths.
 TINY_VAE_CONFIG: dict = {**OSP480_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
@@ -115,9 +104,10 @@ class FrameAttention(nn.Module):
         h = self.group_norm(x)
         h = h.unsqueeze(2) if h.dim() == 4 else h
         b, c, t, height, width = h.shape
-        tokens = h.permute(0, 2, 3, 4, 1).reshape(b * t, height * width, c)  # one sequence per frame
-        q, k, v = (f(tokens).unsqueeze(2).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))  # 1 head
-        o = self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        # One sequence per frame. Contiguous tokens: Linear kernels (so bf16/fp16 bits) depend on layout.
+        tokens = h.permute(0, 2, 3, 4, 1).reshape(b * t, height * width, c).contiguous()
+        q, k, v = (f(tokens).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # one head
+        o = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         o = o.view(b, t, height, width, c).permute(0, 4, 1, 2, 3)
         return o.reshape(x.shape)
 
