@@ -24,6 +24,9 @@ def _atomic(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates private files; give the usual mode
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
