@@ -1,0 +1,37 @@
+"""The graphs' PyTorch modules as a backend (eager, CPU or CUDA): parity baseline of the exports."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from runtime.backends.base import Backend
+from runtime.graphs.specs import GraphSpec, run_module
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, specs: Mapping[str, GraphSpec], device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.specs = dict(specs)
+        self.modules = {name: spec.build().to(self.device) for name, spec in self.specs.items()}
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return tuple(self.modules)
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def download(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().float().cpu().numpy() if array.dtype == torch.bfloat16 else array.detach().cpu().numpy()
+
+    def run(self, graph: str, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return run_module(self.specs[graph], self.modules[graph], inputs)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
