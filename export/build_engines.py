@@ -1,0 +1,136 @@
+"""Build the compiled graphs of a NOVA checkpoint: ONNX graphs, checked in ONNX Runtime, and TensorRT
+engines where TensorRT is installed. Run from the repository root:
+
+    python export/build_engines.py --precision fp16
+    python export/build_engines.py --checkpoint /models/nova-d48w1024-osp480 --max-latent-length 9
+
+The output folder holds one `<graph>.onnx` + `<graph>.onnx.data` per graph (+ `<graph>.plan` for
+TensorRT) and `manifest.json`, which records a content key per graph. Running the same command again
+rebuilds only what changed (weights, code, profile, precision, toolchain, TensorRT version, GPU) and
+anything whose files were modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_SYNTHETIC = "tiny-t2i"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _override(text: str) -> tuple[str, str]:
+    name, sep, precision = text.partition("=")
+    if not sep or not name or not precision:
+        raise argparse.ArgumentTypeError(f"expected GRAPH=PRECISION (e.g. vae_decoder=bf16), got {text!r}")
+    return name, precision
+
+
+def parser() -> argparse.ArgumentParser:
+    from runtime.checkpoint import VARIANT_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="python export/build_engines.py",
+        description="Export a NOVA checkpoint as separate graphs (text encoder, temporal prefill/step, spatial, "
+                    "denoise, place, VAE decoder/encoder), check each against its PyTorch module in ONNX Runtime, "
+                    "and build TensorRT engines where TensorRT is installed. Unchanged graphs are reused.",
+        epilog="Every static shape follows from the build profile; a request outside it (more prompts, a longer "
+               "video, fewer mask steps) is refused by the runner. See engines/README.md for the artifacts, the "
+               "manifest and the precision policy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = p.add_argument_group("model").add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", help="an official or synthetic NOVA checkpoint folder")
+    source.add_argument("--synthetic", metavar="VARIANT", choices=VARIANT_NAMES,
+                        help="a synthetic random-weight variant (written to checkpoints/synthetic/VARIANT on first use); "
+                             f"one of {', '.join(VARIANT_NAMES)}. Default when no --checkpoint: {DEFAULT_SYNTHETIC}")
+    out = p.add_argument_group("output")
+    out.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
+                     help="matrix precision; per-graph exceptions follow the precision policy (engines/README.md)")
+    out.add_argument("--component-precision", metavar="GRAPH=PREC", type=_override, action="append", default=[],
+                     help="override one graph's precision, e.g. vae_decoder=bf16 (repeatable)")
+    out.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                     help="auto: TensorRT engines if TensorRT is installed, else ONNX Runtime artifacts")
+    out.add_argument("--out", metavar="DIR", type=Path,
+                     help="output folder (default: engines/<checkpoint name>-<precision>)")
+    prof = p.add_argument_group("build profile (fixes every static shape)")
+    prof.add_argument("--prompts", type=_positive, default=1, help="prompts per call")
+    prof.add_argument("--images-per-prompt", type=_positive, default=1, help="images (or videos) per prompt")
+    prof.add_argument("--no-cfg", action="store_true",
+                      help="build without the classifier-free-guidance batch (requests must use guidance_scale <= 1)")
+    prof.add_argument("--max-latent-length", type=_positive, default=None,
+                      help="longest video in latent frames = KV-cache capacity (default: 1 for image checkpoints, "
+                           "9 for video checkpoints)")
+    prof.add_argument("--min-mask-steps", type=_positive, default=64,
+                      help="fewest num_inference_steps a request may use; sets the tokens per mask step")
+    prof.add_argument("--max-tokens-per-step", type=_positive, default=None,
+                      help="tokens per mask step, overriding the value derived from --min-mask-steps")
+    prof.add_argument("--no-image-to-video", action="store_true", help="video checkpoints: skip the VAE encoder")
+    run = p.add_argument_group("build")
+    run.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                     help="torch.onnx exporter (measured in engines/README.md)")
+    run.add_argument("--only", metavar="GRAPH", action="append", help="build only this graph (repeatable)")
+    run.add_argument("--force", action="store_true", help="rebuild even when the content key is unchanged")
+    run.add_argument("--skip-validation", action="store_true",
+                     help="do not run the graphs in ONNX Runtime after export (recorded in the manifest)")
+    run.add_argument("--validate-frames", type=_positive, default=3,
+                     help="frames of the multi-frame KV-cache check of the temporal graphs")
+    run.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for validation")
+    run.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
+    run.add_argument("--optimization-level", type=int, choices=range(6), default=3,
+                     help="TensorRT builder optimization level")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    from export.build import BuildError, BuildOptions, build, format_table
+    from export.manifest import ManifestError
+    from export.onnx_export import ExportError
+    from runtime.checkpoint import CheckpointError
+    from runtime.graphs.profile import BuildProfile
+
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+        from runtime.__main__ import resolve_checkpoint
+
+        folder = resolve_checkpoint(args.checkpoint, None if args.checkpoint else (args.synthetic or DEFAULT_SYNTHETIC))
+        out = args.out or Path("engines") / f"{Path(folder).resolve().name}-{args.precision}"
+        profile = BuildProfile(prompts=args.prompts, images_per_prompt=args.images_per_prompt, cfg=not args.no_cfg,
+                               max_latent_length=args.max_latent_length, min_mask_steps=args.min_mask_steps,
+                               max_tokens_per_step=args.max_tokens_per_step,
+                               image_to_video=not args.no_image_to_video)
+        options = BuildOptions(
+            checkpoint=Path(folder), out=out, precision=args.precision, backend=args.backend, profile=profile,
+            overrides=dict(args.component_precision), exporter=args.exporter, validate=not args.skip_validation,
+            validate_frames=args.validate_frames, threads=args.threads, only=tuple(args.only) if args.only else None,
+            force=args.force, workspace_gib=args.workspace_gib, opt_level=args.optimization_level,
+            progress=not args.no_progress)
+        print(f"building {options.checkpoint} -> {out} ({args.precision})")
+        rows = build(options)
+    except (BuildError, CheckpointError, ManifestError, ExportError, ValueError, FileExistsError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows))
+    rebuilt = sum(r.status == "rebuilt" for r in rows)
+    print(f"\n{len(rows)} components in {out}: {rebuilt} rebuilt, {sum(r.status == 'reused' for r in rows)} reused; "
+          f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Export one graph declaration (`runtime.graphs.GraphSpec`) to ONNX.
+
+The file layout is always `<name>.onnx` + `<name>.onnx.data` (all weights as external data in
+one file beside the graph, so graphs above 2 GB work and ONNX Runtime / TensorRT's parser resolve
+the weights relative to the model path). Both exporters are supported:
+
+- `dynamo` (torch.export, the default of torch.onnx.export since torch 2.9): measured on these
+  graphs, see engines/README.md;
+- `torchscript` (deprecated tracer, opset <= 20).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from runtime.graphs.specs import GraphSpec
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+OPSET = 20  # LayerNormalization stays one op (>= 17); SDPA decomposes to MatMul/Softmax for every backend
+ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+               "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
+               "uint8": onnx.TensorProto.UINT8, "bool": onnx.TensorProto.BOOL}
+
+
+class ExportError(RuntimeError):
+    """A graph could not be exported, or the exported graph does not match its declaration."""
+
+
+def example_inputs(spec: GraphSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tracing inputs: every dynamic dim >= 2, every tensor a distinct object (dynamo merges shared ones)."""
+    inputs = spec.sample(spec.export_dims(), torch.Generator().manual_seed(seed))
+    return {name: tensor.clone() for name, tensor in inputs.items()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warnings per graph; keep the build's output readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript",
+                                              "torch.fx.experimental.symbolic_shapes", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLike, exporter: str = DEFAULT_EXPORTER,
+                 opset: int = OPSET) -> dict[str, Any]:
+    """Write `path` (+ `path`.data) for `spec` traced from `module`. -> info (exporter, seconds)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = example_inputs(spec)
+    args = tuple(inputs[t.name] for t in spec.inputs)
+    input_names = [t.name for t in spec.inputs]
+    output_names = [t.name for t in spec.outputs]
+    scratch = Path(tempfile.mkdtemp(prefix=f".export-{spec.name}-", dir=path.parent))
+    raw = scratch / path.name  # exporters may write extra weight files: keep them in a scratch folder
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), _quiet():
+            if exporter == "dynamo":
+                dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in spec.dims.items()}
+                shapes = tuple({axis: dims[s] for axis, s in enumerate(t.shape) if isinstance(s, str)} or None
+                               for t in spec.inputs)
+                torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
+                                  dynamic_shapes=shapes if spec.dims else None, dynamo=True, external_data=True,
+                                  opset_version=opset, optimize=True, verbose=False)
+            else:
+                axes = {t.name: {axis: s for axis, s in enumerate(t.shape) if isinstance(s, str)}
+                        for t in (*spec.inputs, *spec.outputs)}
+                torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
+                                  dynamic_axes={k: v for k, v in axes.items() if v} or None, dynamo=False,
+                                  opset_version=min(opset, 20), do_constant_folding=True)
+    except Exception as error:  # the exporters raise many types; keep the cause, add the graph's name
+        raise ExportError(f"exporting graph {spec.name!r} with the {exporter} exporter failed: "
+                          f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+    else:
+        exported = time.perf_counter()
+        _relayout(raw, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    check_declaration(spec, path)
+    return {"exporter": exporter, "opset": opset, "export_seconds": round(exported - start, 3),
+            "total_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _relayout(raw: Path, path: Path) -> None:
+    """Move `raw` to path + path.data, re-saving it only when the exporter chose another layout
+    (the dynamo exporter already writes <name>.onnx + <name>.onnx.data; re-saving would hold all
+    weights in memory once more, which matters for multi-GB graphs)."""
+    data = path.with_name(path.name + ".data")
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
+    written = {f.name for f in raw.parent.iterdir()}
+    if written <= {raw.name, raw.name + ".data"}:
+        raw.replace(path)
+        if raw.name + ".data" in written:
+            raw.with_name(raw.name + ".data").replace(data)
+        else:
+            data.write_bytes(b"")
+        return
+    model = onnx.load(str(raw), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)  # small constants (shapes) stay inline
+    if not data.exists():  # a graph without weights: keep the two-file layout anyway
+        data.write_bytes(b"")
+
+
+def check_declaration(spec: GraphSpec, path: str | os.PathLike) -> None:
+    """The exported graph's inputs/outputs are the declared ones: names, order, dtypes, ranks, static sizes."""
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    problems = []
+    for kind, declared, actual in (("input", spec.inputs, model.graph.input), ("output", spec.outputs, model.graph.output)):
+        names = [v.name for v in actual]
+        if names != [t.name for t in declared]:
+            problems.append(f"{kind}s are {names}, declared {[t.name for t in declared]}")
+            continue
+        for t, v in zip(declared, actual):
+            tensor = v.type.tensor_type
+            if tensor.elem_type != ONNX_DTYPES[t.dtype]:
+                problems.append(f"{kind} {t.name} has dtype {onnx.TensorProto.DataType.Name(tensor.elem_type)}, "
+                                f"declared {t.dtype}")
+            dims = tensor.shape.dim
+            if len(dims) != len(t.shape):
+                problems.append(f"{kind} {t.name} has rank {len(dims)}, declared {len(t.shape)}")
+                continue
+            for axis, (d, s) in enumerate(zip(dims, t.shape)):
+                if isinstance(s, int) and d.HasField("dim_value") and d.dim_value != s:
+                    problems.append(f"{kind} {t.name} axis {axis} is {d.dim_value}, declared {s}")
+                if isinstance(s, str) and d.HasField("dim_value"):
+                    problems.append(f"{kind} {t.name} axis {axis} is static {d.dim_value}, declared dynamic {s}")
+    if problems:
+        raise ExportError(f"exported graph {spec.name!r} does not match its declaration: " + "; ".join(problems))
+
+
+def graph_dtypes(path: str | os.PathLike) -> dict[str, int]:
+    """Element type -> count over the graph's initializers and typed values (for precision audits)."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(init.data_type)
+        counts[name] = counts.get(name, 0) + 1
+    return counts

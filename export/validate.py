@@ -1,0 +1,204 @@
+"""Parity of an exported graph with its torch module, in ONNX Runtime, on fresh random inputs.
+
+Per output: max abs error, mean abs error, cosine similarity (float outputs) and the largest
+reference magnitude. A graph passes when, for every output,
+
+    float:  max_abs <= atol + rtol * max|reference|   and   cosine >= min_cosine
+    uint8:  max_abs <= uint8_max                      and   share of differing values <= uint8_share
+
+with the tolerances of the graph's compute precision (`TOLERANCES`). Dynamic dims are checked at
+their min, opt and max (ENGINEERING.md §5: NaNs at untested sizes). The temporal encoder is also
+checked across several frames with the cache carried between calls (`temporal_sequence`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.graphs.modules import fp32_islands
+from runtime.graphs.specs import GraphSpec, frame_position, run_module
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    min_cosine: float
+    uint8_max: int
+    uint8_share: float
+
+
+TOLERANCES = {
+    "fp32": Tolerance(rtol=1e-4, atol=1e-5, min_cosine=0.99999, uint8_max=1, uint8_share=0.01),
+    "fp16": Tolerance(rtol=2e-2, atol=2e-3, min_cosine=0.999, uint8_max=2, uint8_share=0.05),
+    "bf16": Tolerance(rtol=8e-2, atol=1e-2, min_cosine=0.99, uint8_max=4, uint8_share=0.2),
+}
+
+
+class ValidationError(RuntimeError):
+    """An exported graph disagrees with its torch module beyond the tolerance."""
+
+
+class NotRunnable(RuntimeError):
+    """ONNX Runtime (this build, this provider) cannot run the graph (e.g. bf16 on the CPU provider)."""
+
+
+def ort_session(path: str | os.PathLike, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # fp16 graphs on CPU log every node it cannot constant-fold
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        message = str(error)
+        missing = re.search(r"implementation for (\w+)\(", message) or re.search(r"of operator \((\w+)\)", message)
+        if missing:
+            raise NotRunnable(f"ONNX Runtime {ort.__version__}'s CPU provider has no {missing.group(1)} kernel "
+                              "for this graph's dtypes") from None
+        raise
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
+    a, e = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
+    diff = np.abs(a - e)
+    denom = np.linalg.norm(a) * np.linalg.norm(e)
+    cosine = float(a @ e / denom) if denom > 0 else (1.0 if np.array_equal(a, e) else 0.0)
+    return {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0,
+            "cosine": cosine, "ref_max": float(np.abs(e).max(initial=0.0)),
+            "differing_share": float((diff > 0).mean()) if diff.size else 0.0,
+            "finite": bool(np.isfinite(a).all())}
+
+
+def judge(name: str, dtype: str, error: dict[str, float], tol: Tolerance) -> str | None:
+    """None if within tolerance, else why not."""
+    if not error["finite"]:
+        return f"{name}: non-finite values"
+    if dtype == "uint8" or dtype == "bool" or dtype == "int64":
+        if error["max_abs"] > tol.uint8_max or error["differing_share"] > tol.uint8_share:
+            return (f"{name}: max abs {error['max_abs']:g} (allowed {tol.uint8_max}), "
+                    f"{100 * error['differing_share']:.2f}% differ (allowed {100 * tol.uint8_share:g}%)")
+        return None
+    limit = tol.atol + tol.rtol * error["ref_max"]
+    if error["max_abs"] > limit or error["cosine"] < tol.min_cosine:
+        return (f"{name}: max abs {error['max_abs']:.3g} (allowed {limit:.3g}), cosine {error['cosine']:.6f} "
+                f"(allowed >= {tol.min_cosine})")
+    return None
+
+
+def _merge(worst: dict[str, dict], name: str, error: dict[str, float]) -> None:
+    if name not in worst:
+        worst[name] = dict(error)
+        return
+    w = worst[name]
+    for key in ("max_abs", "mean_abs", "ref_max", "differing_share"):
+        w[key] = max(w[key], error[key])
+    w["cosine"] = min(w["cosine"], error["cosine"])
+    w["finite"] = w["finite"] and error["finite"]
+
+
+def validate_graph(spec: GraphSpec, module: torch.nn.Module, onnx_path: str | os.PathLike, seed: int = 1,
+                   threads: int = 1, session=None, points: tuple[str, ...] = ("min", "opt", "max")) -> dict[str, Any]:
+    """Run the ONNX graph and the torch module on the same fresh inputs; raise ValidationError beyond
+    tolerance, NotRunnable if ONNX Runtime cannot run it. -> report (worst error per output)."""
+    import onnxruntime as ort
+
+    tol = TOLERANCES[spec.precision]
+    session = session or ort_session(onnx_path, threads)
+    sizes, worst, trials = [], {}, []
+    for point in points:
+        dims = spec.dims_at(point)
+        if dims in sizes:
+            continue
+        sizes.append(dims)
+        inputs = spec.sample(dims, torch.Generator().manual_seed(seed + len(sizes)))
+        expected = run_module(spec, module, inputs)
+        outputs = session.run([t.name for t in spec.outputs], {k: to_numpy(v) for k, v in inputs.items()})
+        trial = {"dims": dims, "outputs": {}}
+        for t, actual in zip(spec.outputs, outputs):
+            error = compare(actual, to_numpy(expected[t.name].float() if t.dtype == "bfloat16" else expected[t.name]))
+            trial["outputs"][t.name] = error
+            _merge(worst, t.name, error)
+        trials.append(trial)
+    problems = [p for t in spec.outputs if (p := judge(t.name, t.dtype, worst[t.name], tol))]
+    report = {"provider": "CPUExecutionProvider", "onnxruntime": ort.__version__, "precision": spec.precision,
+              "tolerance": dataclasses.asdict(tol), "sizes": sizes, "outputs": worst, "passed": not problems}
+    if problems:
+        raise ValidationError(f"graph {spec.name!r} ({spec.precision}) disagrees with its torch module in ONNX "
+                              f"Runtime: " + "; ".join(problems))
+    return report
+
+
+# -------------------------------------------------------------------------------------------------
+# Temporal encoder across frames
+# -------------------------------------------------------------------------------------------------
+def reference_temporal(model, geometry, text_hidden, text_lengths, motion_flow, prev_latents, num_frames: int,
+                       dtype: torch.dtype) -> list[torch.Tensor]:
+    """The reference pipeline's temporal path (null-fill, condition, VideoPosEmbed, the growing
+    `KVCache`, the mixer) for frames 0..len(prev_latents). -> indicator per frame."""
+    from runtime.model.kv_cache import KVCache
+
+    g = geometry
+    with torch.no_grad(), fp32_islands(dtype):
+        rows = [text_hidden[i, : int(text_lengths[i])] for i in range(text_hidden.shape[0])]
+        features = model.text_embed.fill_null(rows)
+        condition = model.condition(features, motion_flow if g.has_motion else None)
+        time_embed = model.video_pos_embed(num_frames)
+        cache = KVCache(g.video_depth, g.model_batch, g.num_heads, condition.shape[1] + num_frames * g.num_video_tokens,
+                        g.head_dim, dtype)
+        dup = (lambda x: torch.cat([x, x])) if g.cfg else (lambda x: x)
+        tokens = model.frame_tokens(None, time_embed[0], g.batch)
+        anchor = model.temporal(dup(tokens), condition, cache)
+        indicators = [anchor]
+        for t, latent in enumerate(prev_latents, start=1):
+            tokens = model.frame_tokens(latent.to(dtype), time_embed[t], g.batch)
+            indicators.append(model.indicator(anchor, model.temporal(dup(tokens), None, cache)))
+    return indicators
+
+
+def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step, model, geometry, frames: int,
+                      seed: int = 5) -> dict[str, Any]:
+    """Prefill + (frames - 1) steps with the cache carried between calls, against `reference_temporal`.
+
+    `run_prefill` / `run_step` map named numpy inputs to a list of outputs in declaration order (an
+    ONNX Runtime session's run, or the torch module). -> per-frame errors of the indicator; raises
+    ValidationError beyond tolerance."""
+    g = geometry
+    gen = torch.Generator().manual_seed(seed)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[step.precision]
+    inputs = prefill.sample({}, gen)
+    latents = [torch.randn(g.batch, g.channels, *g.latent_size, generator=gen) for _ in range(frames - 1)]
+    expected = reference_temporal(model, g, inputs["text_hidden"].to(dtype), inputs["text_lengths"],
+                                  inputs.get("motion_flow"), latents, frames, dtype)
+    numpy_inputs = {k: to_numpy(v) for k, v in inputs.items()}
+    numpy_inputs["frame_position"] = frame_position(0, frames, g.base_t)
+    indicator, k_cache, v_cache = run_prefill(numpy_inputs)
+    anchor, got = indicator, [indicator]
+    for t, latent in enumerate(latents, start=1):
+        feed = {"prev_latent": to_numpy(latent), "frame_position": frame_position(t, frames, g.base_t),
+                "k_cache": k_cache, "v_cache": v_cache,
+                "cache_length": np.array([g.condition_len + t * g.num_video_tokens], dtype=np.int64)}
+        if any(i.name == "anchor" for i in step.inputs):
+            feed["anchor"] = anchor
+        indicator, k_cache, v_cache = run_step(feed)
+        got.append(indicator)
+    tol = TOLERANCES[step.precision]
+    errors = [compare(np.asarray(a), to_numpy(e.float() if e.dtype == torch.bfloat16 else e)) for a, e in zip(got, expected)]
+    problems = [p for t, e in enumerate(errors) if (p := judge(f"indicator of frame {t}", "float", e, tol))]
+    report = {"frames": frames, "indicator": errors, "passed": not problems}
+    if problems:
+        raise ValidationError("temporal prefill + step with the cache carried across frames disagree with the "
+                              "reference KV-cache path: " + "; ".join(problems))
+    return report
