@@ -189,7 +189,8 @@ class Builder:
         toolchain = {k: v for k, v in self.versions.items() if k != "onnxruntime"}
         toolchain.update(_library_versions(spec.component), exporter=o.exporter, opset=OPSET)
         return {"weights": mf.digest(weights), "code": mf.source_digest(ROOT, spec.sources + EXPORT_SOURCES),
-                "graph": mf.digest(spec.describe()), "precision": spec.precision, "toolchain": toolchain}
+                "graph": mf.digest({k: v for k, v in spec.describe().items() if k != "precision"}),
+                "precision": spec.precision, "toolchain": toolchain}
 
     def validation_key(self, spec: GraphSpec, artifact_key: str) -> str:
         extra = {"frames": self.options.validate_frames} if spec.name == "temporal_step" else {}

@@ -112,12 +112,9 @@ def _relayout(raw: Path, path: Path) -> None:
     for stale in (path, data):
         stale.unlink(missing_ok=True)
     written = {f.name for f in raw.parent.iterdir()}
-    if written <= {raw.name, raw.name + ".data"}:
+    if written == {raw.name, raw.name + ".data"}:
         raw.replace(path)
-        if raw.name + ".data" in written:
-            raw.with_name(raw.name + ".data").replace(data)
-        else:
-            data.write_bytes(b"")
+        raw.with_name(raw.name + ".data").replace(data)
         return
     model = onnx.load(str(raw), load_external_data=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,0 +1,273 @@
+"""The build's cache: reuse, partial rebuilds, mismatch detection, atomicity; the command line; TensorRT.
+
+Builds here use the TorchScript exporter where the exporter does not matter (the cache logic is the
+same for both; it is ~10x faster on tiny graphs), so the suite stays fast.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from export import manifest as mf
+from export import tensorrt_build
+from export.build import BuildError, BuildOptions, Builder, format_table
+from export.validate import ValidationError
+from runtime.graphs import BuildProfile, Checkpoint, build_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPHS = ("spatial", "denoise", "place", "vae_decoder")
+TRT_OK, TRT_DETAIL = tensorrt_build.available()
+
+
+def _build(checkpoint, out, only=GRAPHS, profile=None, **kwargs):
+    options = BuildOptions(checkpoint=Path(checkpoint), out=Path(out), precision=kwargs.pop("precision", "fp32"),
+                           backend=kwargs.pop("backend", "onnxruntime"),
+                           profile=profile or BuildProfile(min_mask_steps=4), exporter=kwargs.pop("exporter", "torchscript"),
+                           only=only, progress=False, **kwargs)
+    messages = []
+    rows = Builder(options, report=messages.append).run()
+    return {r.component: r for r in rows}, messages
+
+
+@pytest.fixture(scope="module")
+def built(tiny_t2i, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "base"
+    rows, _ = _build(tiny_t2i, out)
+    assert all(r.status == "rebuilt" for r in rows.values())
+    return out
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of the base build (tests edit it)."""
+    target = tmp_path / "engines"
+    shutil.copytree(built, target)
+    return target
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
+def test_second_run_rebuilds_nothing(copy, tiny_t2i):
+    before = _mtimes(copy)
+    rows, _ = _build(tiny_t2i, copy)
+    assert {r.status for r in rows.values()} == {"reused"}
+    assert all(r.why == "content key unchanged, artifacts verified" for r in rows.values())
+    assert _mtimes(copy) == before
+    table = format_table(list(rows.values()))
+    assert "reused" in table and "spatial.onnx" in table
+
+
+def test_profile_change_rebuilds_only_the_graphs_it_shapes(copy, tiny_t2i):
+    rows, _ = _build(tiny_t2i, copy, profile=BuildProfile(min_mask_steps=2))  # more tokens per step
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"spatial", "denoise", "place"}
+    assert rows["vae_decoder"].status == "reused"
+    assert "graph declaration (shapes/profile) changed" in rows["spatial"].why
+
+
+def test_precision_change_rebuilds_only_that_graph(copy, tiny_t2i):
+    rows, _ = _build(tiny_t2i, copy, overrides={"vae_decoder": "fp16"})
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"vae_decoder"}
+    assert rows["vae_decoder"].why == "precision changed"
+
+
+def test_weight_change_rebuilds_only_the_graphs_using_those_weights(copy, tiny_t2i, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_t2i, checkpoint)
+    rows, _ = _build(checkpoint, copy)  # same weights elsewhere: the key does not depend on the path
+    assert {r.status for r in rows.values()} == {"reused"}
+    weights = checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["image_decoder.head.bias"] = state["image_decoder.head.bias"] + 1
+    save_file(state, str(weights))
+    rows, _ = _build(checkpoint, copy)
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"denoise"}
+    assert rows["denoise"].why == "checkpoint weights changed"
+
+
+def test_code_change_is_detected(copy, tiny_t2i, monkeypatch):
+    from export import build as build_module
+
+    original = build_module.mf.source_digest
+    monkeypatch.setattr(build_module.mf, "source_digest",
+                        lambda root, paths: original(root, paths) + ("x" if "runtime/schedules.py" in paths else ""))
+    rows, _ = _build(tiny_t2i, copy)
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"denoise"}  # only it declares schedules.py
+    assert rows["denoise"].why == "export code changed"
+
+
+def test_edited_artifact_is_detected_refused_by_verify_and_rebuilt(copy, tiny_t2i):
+    data = copy / "spatial.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(mf.ManifestError, match=r"component spatial: spatial.onnx.data was modified after the build"):
+        mf.verify_folder(copy)
+    rows, _ = _build(tiny_t2i, copy)
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"spatial"}
+    assert "spatial.onnx.data was modified after the build" in rows["spatial"].why
+    mf.verify_folder(copy)  # consistent again
+
+
+def test_missing_artifact_is_rebuilt(copy, tiny_t2i):
+    (copy / "place.onnx").unlink()
+    with pytest.raises(mf.ManifestError, match="place.onnx is missing"):
+        mf.verify_folder(copy)
+    rows, _ = _build(tiny_t2i, copy)
+    assert rows["place"].status == "rebuilt" and rows["place"].why == "place.onnx is missing"
+
+
+def test_corrupt_or_edited_manifest_gives_a_clear_error_and_a_rebuild(tiny_t2i, tmp_path):
+    out = tmp_path / "engines"
+    _build(tiny_t2i, out, only=("place",))
+    manifest = json.loads((out / mf.MANIFEST_NAME).read_text())
+    manifest["components"]["place"]["precision"] = "fp16"
+    (out / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(mf.ManifestError, match="was edited after the build"):
+        mf.load_manifest(out)
+    rows, messages = _build(tiny_t2i, out, only=("place",))
+    assert any("ignoring it and rebuilding every component" in m for m in messages)
+    assert rows["place"].status == "rebuilt" and rows["place"].why == "manifest was corrupt"
+    (out / mf.MANIFEST_NAME).write_text("{ not json")
+    with pytest.raises(mf.ManifestError, match="is not valid JSON"):
+        mf.verify_folder(out)
+    with pytest.raises(mf.ManifestError, match="has no manifest.json"):
+        mf.verify_folder(tmp_path)
+
+
+def test_failed_validation_stops_the_build_and_installs_nothing(tiny_t2i, tmp_path, monkeypatch):
+    from export import build as build_module
+
+    def fail(spec, *args, **kwargs):
+        raise ValidationError(f"graph {spec.name!r} (fp32) disagrees with its torch module in ONNX Runtime: x: ...")
+
+    monkeypatch.setattr(build_module, "validate_graph", fail)
+    out = tmp_path / "engines"
+    with pytest.raises(BuildError, match="disagrees with its torch module.*nothing was installed for place"):
+        _build(tiny_t2i, out, only=("place",))
+    assert sorted(p.name for p in out.iterdir()) == []  # no artifact, no manifest, no staging folder
+
+
+def test_interrupted_rebuild_leaves_the_old_entry_out_of_the_manifest(copy, tiny_t2i, monkeypatch):
+    """A crash while an artifact is being replaced: the manifest no longer vouches for it, so the next run
+    rebuilds it instead of trusting half-replaced files."""
+    from export import build as build_module
+
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("denoise.onnx.data"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(build_module.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_t2i, copy, force=True, only=("denoise",))
+    monkeypatch.undo()
+    assert "denoise" not in mf.load_manifest(copy)["components"]
+    assert not any(p.name.startswith(".staging") for p in copy.iterdir())
+    rows, _ = _build(tiny_t2i, copy)
+    assert rows["denoise"].status == "rebuilt" and rows["denoise"].why == "not built yet"
+    assert {r.status for n, r in rows.items() if n != "denoise"} == {"reused"}
+
+
+def test_graphs_no_longer_in_the_build_are_removed(copy, tiny_t2i):
+    rows, _ = _build(tiny_t2i, copy, only=None, profile=BuildProfile(min_mask_steps=4), validate=False)
+    assert "text_encoder" in rows and "temporal_prefill" in rows
+    # a stale entry (as after a profile change from video to image) disappears with its files
+    manifest = mf.load_manifest(copy)
+    manifest["components"]["temporal_step"] = {**manifest["components"]["place"], "artifacts": []}
+    mf.save_manifest(copy, manifest)
+    rows, _ = _build(tiny_t2i, copy, only=None, validate=False)
+    assert rows["temporal_step"].status == "removed"
+    assert "temporal_step" not in mf.load_manifest(copy)["components"]
+
+
+def test_bf16_graphs_that_onnx_runtime_cpu_cannot_run_are_recorded_not_silently_switched(tiny_t2i, tmp_path):
+    rows, messages = _build(tiny_t2i, tmp_path / "bf16", precision="bf16", only=("denoise", "place"))
+    assert rows["denoise"].precision == "bf16" and rows["denoise"].parity.startswith("not run")
+    assert any(m.startswith("denoise (bf16): not validated: ONNX Runtime") and "kernel" in m for m in messages)
+    entry = mf.load_manifest(tmp_path / "bf16")["components"]["denoise"]
+    assert entry["precision"] == "bf16" and entry["validation"]["passed"] is None
+    assert rows["place"].parity.startswith("max 0.0e+00")  # fp32 by policy: validated
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "export/build_engines.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_cli_help_reads_well():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for option in ("--checkpoint", "--synthetic", "--precision", "--backend", "--out", "--prompts",
+                   "--images-per-prompt", "--no-cfg", "--max-latent-length", "--min-mask-steps"):
+        assert option in result.stdout
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT is importable here")
+def test_cli_backend_tensorrt_without_tensorrt_is_one_sentence_and_nonzero(tiny_t2i, tmp_path):
+    result = _cli("--checkpoint", str(tiny_t2i), "--backend", "tensorrt", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not available on this machine")
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT is importable here")
+def test_cli_auto_backend_builds_onnx_runtime_artifacts_and_says_why(tiny_t2i, tmp_path):
+    out = tmp_path / "engines"
+    result = _cli("--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
+                  "--exporter", "torchscript", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "TensorRT is not available on this machine" in result.stdout
+    assert "place.onnx" in result.stdout and "rebuilt" in result.stdout
+    assert (out / "manifest.json").exists() and (out / "place.onnx").exists()
+    again = _cli("--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
+                 "--exporter", "torchscript", "--no-progress")
+    assert again.returncode == 0 and "0 rebuilt, 1 reused" in again.stdout
+
+
+# -------------------------------------------------------------------------------------------------
+# TensorRT
+# -------------------------------------------------------------------------------------------------
+def test_engine_profile_covers_every_dynamic_dim(tiny_t2i):
+    specs = build_specs(Checkpoint(tiny_t2i), BuildProfile(prompts=3), "fp16", backend="tensorrt")
+    flags = tensorrt_build.engine_flags(specs["text_encoder"], "fp16", 8.0, 3)
+    assert flags["profile"] == {"input_ids": [[1, 256], [6, 256], [6, 256]]}
+    assert flags["strongly_typed"] and flags["tf32"]
+    assert tensorrt_build.engine_flags(specs["spatial"], "fp32", 8.0, 3) == {
+        "strongly_typed": True, "tf32": False, "workspace_gib": 8.0, "optimization_level": 3, "profile": {}}
+    assert specs["text_encoder"].precision == "bf16"  # Phi-2 on TensorRT in an fp16 build
+    assert "install TensorRT" in tensorrt_build.unavailable_sentence("x")
+
+
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT is not installable on these machines ({TRT_DETAIL})")
+def test_tensorrt_engines_build_validate_and_are_reused(tiny_t2i, tmp_path):
+    out = tmp_path / "trt"
+    rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", precision="fp16")
+    assert all((out / f"{name}.plan").exists() for name in rows)
+    manifest = mf.verify_folder(out, backend="tensorrt")
+    assert all(manifest["components"][n]["engine"]["validation"]["passed"] for n in rows)
+    assert (out / tensorrt_build.TIMING_CACHE_NAME).exists()
+    rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", precision="fp16")
+    assert {r.status for r in rows.values()} == {"reused"}
+
+
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT is not installable on these machines ({TRT_DETAIL})")
+def test_engine_of_another_tensorrt_version_is_rebuilt(tiny_t2i, tmp_path, monkeypatch):
+    out = tmp_path / "trt"
+    _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", only=("place",))
+    monkeypatch.setattr(tensorrt_build, "available", lambda: (True, "0.0.0-other"))
+    rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", only=("place",))
+    assert rows["place"].status == "rebuilt" and "TensorRT version changed" in rows["place"].why

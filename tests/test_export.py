@@ -1,0 +1,160 @@
+"""Every graph exported (dynamo, the default exporter) and run in ONNX Runtime against its torch module.
+
+Tiny checkpoints, fp32 builds of every graph (image and video), plus an fp16 build whose dtypes are
+audited. The builds themselves already validate; the tests re-check with fresh inputs and at the
+edge cases (spatial k = 0, the KV cache carried across frames).
+"""
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.build import BuildOptions, Builder
+from export.manifest import load_manifest
+from export.onnx_export import check_declaration, export_graph
+from export.validate import ort_session, temporal_sequence, validate_graph
+from runtime.graphs import BuildProfile, Checkpoint, build_specs
+from runtime.model.transformer import patchify, unpatchify
+
+
+def _build(checkpoint, out, precision="fp32", **kwargs):
+    profile = kwargs.pop("profile", BuildProfile(min_mask_steps=4))
+    options = BuildOptions(checkpoint=checkpoint, out=out, precision=precision, backend="onnxruntime",
+                           profile=profile, progress=False, **kwargs)
+    messages = []
+    builder = Builder(options, report=messages.append)
+    rows = builder.run()
+    return builder, rows, messages
+
+
+@pytest.fixture(scope="module")
+def t2i_build(tiny_t2i, tmp_path_factory):
+    # two prompts: the text encoder's batch and the VAE's batch are dynamic dims (checked at min/opt/max)
+    return _build(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i-fp32",
+                  profile=BuildProfile(prompts=2, min_mask_steps=4))
+
+
+@pytest.fixture(scope="module")
+def t2v_build(tiny_t2v, tmp_path_factory):
+    return _build(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v-fp32",
+                  profile=BuildProfile(min_mask_steps=4, max_latent_length=3))
+
+
+@pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
+def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
+    builder, rows, _ = request.getfixturevalue(which)
+    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
+    if which == "t2v_build":
+        expected |= {"temporal_step", "vae_encoder"}
+    assert {r.component for r in rows} == expected and all(r.status == "rebuilt" for r in rows)
+    manifest = load_manifest(builder.options.out)
+    for name, spec in builder.specs.items():
+        entry = manifest["components"][name]
+        assert entry["validation"]["passed"] is True and entry["export"]["exporter"] == "dynamo"
+        onnx_path = builder.options.out / f"{name}.onnx"
+        check_declaration(spec, onnx_path)
+        # fresh inputs (another seed than the build's), every dynamic dim at min/opt/max
+        report = validate_graph(spec, spec.build(), onnx_path, seed=100)
+        for output, error in report["outputs"].items():
+            if spec.outputs[[t.name for t in spec.outputs].index(output)].dtype == "uint8":
+                assert error["max_abs"] <= 1 and error["differing_share"] < 0.01, (name, output, error)
+            else:
+                assert error["max_abs"] <= 1e-4 * max(1.0, error["ref_max"]) and error["cosine"] > 0.99999, (name, output)
+    sizes = manifest["components"]["text_encoder"]["validation"]["sizes"]
+    if which == "t2i_build":
+        assert sizes == [{"text_batch": 1}, {"text_batch": 4}]  # min (opt = max)
+
+
+def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_k(t2i_build):
+    builder = t2i_build[0]
+    spec, model = builder.specs["spatial"], builder.checkpoint.module("transformer", "fp32")
+    g = builder.geometry
+    session = ort_session(builder.options.out / "spatial.onnx")
+    gen = torch.Generator().manual_seed(9)
+    order = torch.stack([torch.randperm(g.num_tokens, generator=gen) for _ in range(g.batch)])
+    indicator = torch.randn(g.model_batch, g.num_video_tokens, g.width, generator=gen)
+    for known in (0, 1, g.num_tokens // 2, g.num_tokens - g.max_tokens_per_step):
+        mask = torch.ones(g.batch, g.num_tokens, 1).scatter(1, order[:, :known, None], 0)
+        canvas = unpatchify(patchify(torch.randn(g.batch, g.channels, *g.latent_size, generator=gen), g.patch)
+                            * (1 - mask), g.patch, *g.latent_size)
+        selected = order[:, (known + torch.arange(g.max_tokens_per_step)) % g.num_tokens]
+        with torch.no_grad():
+            z = model.spatial(canvas, mask, indicator, torch.cat([order[:, :known]] * 2))
+        expected = z.gather(1, torch.cat([selected] * 2).unsqueeze(-1).expand(-1, -1, g.width)).numpy()
+        (got,) = session.run(None, {"canvas": canvas.numpy(), "unknown_mask": mask.numpy(),
+                                    "indicator": indicator.numpy(), "selected": selected.numpy()})
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"k = {known}")
+
+
+def test_kv_cache_carried_across_frames_in_onnx_runtime_equals_reference(t2v_build):
+    builder = t2v_build[0]
+    manifest = load_manifest(builder.options.out)
+    frames = manifest["components"]["temporal_step"]["validation"]["frames"]
+    assert frames["passed"] and frames["frames"] == 3
+    prefill_session = ort_session(builder.options.out / "temporal_prefill.onnx")
+    step_session = ort_session(builder.options.out / "temporal_step.onnx")
+    report = temporal_sequence(builder.specs["temporal_prefill"], builder.specs["temporal_step"],
+                               lambda feed: prefill_session.run(None, feed), lambda feed: step_session.run(None, feed),
+                               builder.checkpoint.module("transformer", "fp32"), builder.geometry, frames=3, seed=42)
+    assert report["passed"] and max(e["max_abs"] for e in report["indicator"]) < 1e-4
+    # and the cache output really carries state: a step on an empty cache gives another indicator
+    step = builder.specs["temporal_step"]
+    inputs = {k: v.numpy() for k, v in step.sample({}, torch.Generator().manual_seed(3)).items()}
+    first = step_session.run(None, inputs)[0]
+    inputs["k_cache"] = np.zeros_like(inputs["k_cache"])
+    assert not np.allclose(step_session.run(None, inputs)[0], first)
+
+
+def _op_input_dtypes(path) -> dict[str, collections.Counter]:
+    """Per op type: how often each element type is its first input's (after ONNX shape inference)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    found = collections.defaultdict(collections.Counter)
+    for node in graph.node:
+        if node.input and node.input[0] in types:
+            found[node.op_type][onnx.TensorProto.DataType.Name(types[node.input[0]])] += 1
+    return found
+
+
+def test_fp16_graph_dtypes_follow_the_precision_policy(tiny_t2i, tmp_path):
+    builder, rows, _ = _build(tiny_t2i, tmp_path / "fp16", precision="fp16",
+                              only=("text_encoder", "spatial", "denoise"))
+    labels = {r.component: r.precision for r in rows}
+    assert labels["text_encoder"].startswith("fp32 (") and labels["spatial"] == "fp16"
+    manifest = load_manifest(tmp_path / "fp16")
+    for name in ("text_encoder", "spatial", "denoise"):
+        assert manifest["components"][name]["validation"]["passed"] is True  # fp16 graphs run on ORT's CPU EP
+
+    spatial = _op_input_dtypes(tmp_path / "fp16" / "spatial.onnx")
+    assert set(spatial["MatMul"]) == {"FLOAT16"} and set(spatial["Conv"]) == {"FLOAT16"}
+    assert set(spatial["LayerNormalization"]) == {"FLOAT"}  # fp32 islands of the post-norm blocks
+    weights = collections.Counter(onnx.TensorProto.DataType.Name(i.data_type) for i in onnx.load(
+        str(tmp_path / "fp16" / "spatial.onnx"), load_external_data=False).graph.initializer if len(i.dims) == 2)
+    assert weights["FLOAT16"] > 0 and weights["FLOAT"] == 0  # matrix weights stored in fp16
+
+    denoise = _op_input_dtypes(tmp_path / "fp16" / "denoise.onnx")
+    assert set(denoise["MatMul"]) | set(denoise["Gemm"]) == {"FLOAT16"}
+    assert set(denoise["LayerNormalization"]) == {"FLOAT"}
+    assert set(denoise["Max"]) == set(denoise["Min"]) == {"FLOAT"}  # sampler clip (and update) in fp32
+
+    text = _op_input_dtypes(tmp_path / "fp16" / "text_encoder.onnx")
+    assert set(text["MatMul"]) == {"FLOAT"}  # Phi-2 stays fp32 in an fp16 build (ORT backend)
+
+    io = {v.name: onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)
+          for v in [*onnx.load(str(tmp_path / "fp16" / "spatial.onnx"), load_external_data=False).graph.input]}
+    assert io == {"canvas": "FLOAT", "unknown_mask": "FLOAT", "indicator": "FLOAT16", "selected": "INT64"}
+
+
+def test_torchscript_exporter_gives_an_equivalent_graph(tiny_t2v, tmp_path):
+    spec = build_specs(Checkpoint(tiny_t2v), BuildProfile(min_mask_steps=4, max_latent_length=3), "fp32")["temporal_step"]
+    module = spec.build()
+    info = export_graph(spec, module, tmp_path / "temporal_step.onnx", exporter="torchscript")
+    assert info["exporter"] == "torchscript"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["temporal_step.onnx", "temporal_step.onnx.data"]
+    report = validate_graph(spec, module, tmp_path / "temporal_step.onnx")
+    assert report["passed"]
