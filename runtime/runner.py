@@ -94,6 +94,60 @@ class NOVARunner:
         specs = build_specs(checkpoint, profile, precision)
         return cls(TorchBackend(specs, device), checkpoint, specs, profile)
 
+    @classmethod
+    def from_engines(cls, folder: str | Path, backend: str = "auto", device: str = "cpu") -> "NOVARunner":
+        """Load an engine folder built by `export/build_engines.py`.
+
+        backend: "auto" (TensorRT if the folder has engines and TensorRT is importable, else ONNX Runtime),
+        "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules, weights from the checkpoint).
+        Every artifact is checked against the manifest (size and sha256) before use; a missing, partial,
+        edited or mismatched folder is refused with a message that says what to rebuild.
+        """
+        from export.manifest import ManifestError, verify_folder
+        from runtime.backends import BACKENDS, BackendUnavailable
+
+        folder = Path(folder)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+        if backend == "auto":
+            backend = "tensorrt" if _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
+        try:
+            manifest = verify_folder(folder, "tensorrt" if backend == "tensorrt" else None)
+        except ManifestError as error:
+            raise ValueError(str(error)) from None
+        source = Path(manifest["checkpoint"]["path"])
+        if not (source / "model_index.json").is_file():
+            raise ValueError(f"{folder} was built from the checkpoint {source}, which is not there; the runner reads its "
+                             f"configs, scheduler and tokenizer")
+        checkpoint = Checkpoint(source)
+        profile = BuildProfile(**manifest["profile"])
+        specs = build_specs(checkpoint, profile, manifest["precision"], manifest.get("overrides") or None,
+                            manifest["backend"])
+        if Geometry.from_config(checkpoint.config, profile).to_dict() != manifest["geometry"]:
+            raise ValueError(f"{folder} no longer matches its checkpoint {source} (the configs changed since the build); "
+                             f"rebuild with export/build_engines.py")
+        missing = [name for name in specs if name not in manifest["components"]]
+        if missing:
+            raise ValueError(f"{folder} is a partial build: no {', '.join(missing)}; rebuild with export/build_engines.py")
+        try:
+            if backend == "torch":
+                from runtime.backends.torch_backend import TorchBackend
+
+                engine = TorchBackend(specs, device)
+            elif backend == "onnxruntime":
+                from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+                engine = OnnxRuntimeBackend({name: folder / _onnx_file(manifest["components"][name]) for name in specs},
+                                            device)
+            else:
+                from runtime.backends.tensorrt_backend import TensorRTBackend
+
+                engine = TensorRTBackend({name: folder / _engine_file(manifest["components"][name]) for name in specs},
+                                         device)
+        except BackendUnavailable as error:
+            raise ValueError(str(error)) from None
+        return cls(engine, checkpoint, specs, profile)
+
     # -- public API -----------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str] | None = None, *, negative_prompt=None,
                  num_inference_steps: int = 64, num_diffusion_steps: int = 25, guidance_scale: float = 5.0,
@@ -320,6 +374,24 @@ class NOVARunner:
         if g.has_motion:
             out["motion_flow"] = np.full((g.model_batch,), request.motion_flow, np.float32)
         return out
+
+
+def _onnx_file(entry: dict) -> str:
+    return next(a["file"] for a in entry["artifacts"] if a["file"].endswith(".onnx"))
+
+
+def _engine_file(entry: dict) -> str:
+    return next(a["file"] for a in entry["engine"]["artifacts"] if a["file"].endswith(".plan"))
+
+
+def _has_engines(folder: Path) -> bool:
+    return any(folder.glob("*.plan"))
+
+
+def _tensorrt_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
 
 
 def _embed_row(embeds, g: Geometry) -> tuple[np.ndarray, int]:

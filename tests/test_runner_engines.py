@@ -1,0 +1,138 @@
+"""NOVARunner over engine folders built by export/build_engines.py (ONNX Runtime on CPU)."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from export.build import BuildOptions, build
+from runtime.graphs.profile import BuildProfile
+from runtime.reference import ReferencePipeline
+from runtime.runner import NOVARunner
+from tests.test_runner import assert_parity
+
+
+def _build(checkpoint, out, profile):
+    build(BuildOptions(checkpoint=checkpoint, out=out, precision="fp32", profile=profile, progress=False),
+          report=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def t2i_engines(tiny_t2i, tmp_path_factory):
+    return _build(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i", BuildProfile(min_mask_steps=8))
+
+
+@pytest.fixture(scope="module")
+def t2v_engines(tiny_t2v, tmp_path_factory):
+    return _build(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v",
+                  BuildProfile(min_mask_steps=4, max_latent_length=5))
+
+
+def test_onnxruntime_text_to_image_matches_reference(t2i_engines, t2i_pipe):
+    runner = NOVARunner.from_engines(t2i_engines)  # auto: no TensorRT here -> ONNX Runtime
+    assert runner.backend.name == "onnxruntime"
+    options = dict(num_inference_steps=8, num_diffusion_steps=4, negative_prompt="blurry")
+    ours = runner("a lighthouse at dusk", seed=0, **options)
+    theirs = t2i_pipe("a lighthouse at dusk", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
+                      **options)
+    assert_parity(ours, theirs)
+
+
+def test_onnxruntime_video_and_image_to_video(t2v_engines, tiny_t2v):
+    runner = NOVARunner.from_engines(t2v_engines, backend="onnxruntime")
+    pipe = ReferencePipeline.from_pretrained(tiny_t2v)
+    image = (np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8)
+    options = dict(num_inference_steps=4, num_diffusion_steps=3, max_latent_length=5)
+    for extra in ({}, {"image": image}):
+        ours = runner("a river", seed=0, **options, **extra)
+        theirs = pipe("a river", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
+                      output_type="latent", **options, **extra)
+        assert ours.frames.shape == (1, 17, 64, 96, 3)
+        error = np.abs(ours.latents - theirs.latents.numpy()).max(axis=(0, 1, 3, 4))
+        assert error[0] < 1e-3, error  # later frames: see test_runner.py on the model's rounding amplification
+
+
+def test_torch_backend_from_an_engine_folder_equals_from_checkpoint(t2i_engines, tiny_t2i):
+    a = NOVARunner.from_engines(t2i_engines, backend="torch")("a cat", seed=1, num_inference_steps=8)
+    b = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=8))("a cat", seed=1, num_inference_steps=8)
+    assert np.array_equal(a.latents, b.latents)
+
+
+@pytest.fixture
+def engine_copy(t2i_engines, tmp_path):
+    return shutil.copytree(t2i_engines, tmp_path / "copy")
+
+
+def test_missing_partial_edited_and_mismatched_folders_are_refused(engine_copy, tmp_path):
+    with pytest.raises(ValueError, match="has no manifest.json: build it with"):
+        NOVARunner.from_engines(tmp_path / "empty")
+    data = engine_copy / "spatial.onnx.data"
+    original = data.read_bytes()
+    data.write_bytes(original[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="component spatial: spatial.onnx.data was modified after the build"):
+        NOVARunner.from_engines(engine_copy)
+    data.write_bytes(original)
+    assert NOVARunner.from_engines(engine_copy).backend.name == "onnxruntime"
+    (engine_copy / "denoise.onnx").unlink()
+    with pytest.raises(ValueError, match="denoise.onnx is missing"):
+        NOVARunner.from_engines(engine_copy)
+    manifest = engine_copy / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"precision": "fp32"', '"precision": "fp16"', 1))
+    with pytest.raises(ValueError, match="edited after the build"):
+        NOVARunner.from_engines(engine_copy)
+
+
+def test_partial_build_is_refused(tiny_t2i, tmp_path):
+    out = tmp_path / "partial"
+    build(BuildOptions(checkpoint=tiny_t2i, out=out, precision="fp32", only=("place",), progress=False,
+                       profile=BuildProfile(min_mask_steps=8)), report=lambda message: None)
+    with pytest.raises(ValueError, match="partial build: no text_encoder, temporal_prefill"):
+        NOVARunner.from_engines(out)
+
+
+def test_folder_whose_checkpoint_is_gone_is_refused(engine_copy, tmp_path):
+    from export import manifest as mf
+
+    body = json.loads((engine_copy / "manifest.json").read_text())
+    body["checkpoint"]["path"] = str(tmp_path / "moved")
+    mf.save_manifest(engine_copy, {k: v for k, v in body.items() if k not in ("checksum", "format")})
+    with pytest.raises(ValueError, match="was built from the checkpoint .*moved, which is not there"):
+        NOVARunner.from_engines(engine_copy)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_backend_without_tensorrt_is_one_clear_sentence(t2i_engines):
+    with pytest.raises(ValueError, match="has no TensorRT engine; rebuild with --backend tensorrt"):
+        NOVARunner.from_engines(t2i_engines, backend="tensorrt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="TensorRT is not installable on these machines (see ENGINEERING.md); needs a GPU machine with it")
+def test_tensorrt_runner_matches_reference(tiny_t2i, tmp_path, t2i_pipe):
+    out = tmp_path / "trt"
+    build(BuildOptions(checkpoint=tiny_t2i, out=out, precision="fp32", backend="tensorrt", progress=False,
+                       profile=BuildProfile(min_mask_steps=8)), report=lambda message: None)
+    runner = NOVARunner.from_engines(out, backend="tensorrt", device="cuda")
+    ours = runner("a cat", seed=0, num_inference_steps=8, num_diffusion_steps=4)
+    theirs = t2i_pipe("a cat", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
+                      num_inference_steps=8, num_diffusion_steps=4)
+    assert_parity(ours, theirs)
+
+
+def test_generate_command_writes_image_and_video(t2i_engines, t2v_engines, tmp_path, capsys):
+    from runtime.__main__ import main
+    from runtime.media import read_mp4
+
+    assert main(["generate", "--engines", str(t2i_engines), "--prompt", "a fox", "--steps", "8",
+                 "--out", str(tmp_path / "fox.png")]) == 0
+    assert main(["generate", "--engines", str(t2v_engines), "--prompt", "waves", "--steps", "4",
+                 "--diffusion-steps", "2", "--latent-length", "5", "--out", str(tmp_path / "waves.mp4")]) == 0
+    assert read_mp4(tmp_path / "waves.mp4").shape == (17, 64, 96, 3)
+    assert "onnxruntime backend" in capsys.readouterr().out
+    assert main(["generate", "--engines", str(t2i_engines), "--prompt", "a fox", "--latent-length", "3",
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "image checkpoint" in capsys.readouterr().err
