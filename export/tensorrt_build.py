@@ -15,12 +15,11 @@ and every entry point raises `TensorRTUnavailable` (one sentence) where it canno
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from export.manifest import atomic_write_bytes
 from runtime.graphs.specs import GraphSpec
 
 TIMING_CACHE_NAME = "timing.cache"
@@ -114,17 +113,6 @@ def _monitor_class(trt, report: Callable[[str], None]):
     return ProgressMonitor
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(spec: GraphSpec, onnx_path: Path, plan_path: Path, timing_cache: Path, build_precision: str,
                  workspace_gib: float = 8.0, opt_level: int = 3,
                  report: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
@@ -166,8 +154,8 @@ def build_engine(spec: GraphSpec, onnx_path: Path, plan_path: Path, timing_cache
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
     seconds = time.perf_counter() - start
-    _write_atomic(plan_path, bytes(serialized))
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(plan_path, bytes(serialized))
+    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return {"tensorrt": version, "build_seconds": round(seconds, 3)}
 
 

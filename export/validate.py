@@ -68,7 +68,9 @@ def ort_session(path: str | os.PathLike, threads: int = 1):
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
+    """numpy has no bfloat16: such tensors come back as float32 (exact)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -109,15 +111,10 @@ def _merge(worst: dict[str, dict], name: str, error: dict[str, float]) -> None:
     w["finite"] = w["finite"] and error["finite"]
 
 
-def validate_graph(spec: GraphSpec, module: torch.nn.Module, onnx_path: str | os.PathLike, seed: int = 1,
-                   threads: int = 1, session=None, points: tuple[str, ...] = ("min", "opt", "max")) -> dict[str, Any]:
-    """Run the ONNX graph and the torch module on the same fresh inputs; raise ValidationError beyond
-    tolerance, NotRunnable if ONNX Runtime cannot run it. -> report (worst error per output)."""
-    import onnxruntime as ort
-
-    tol = TOLERANCES[spec.precision]
-    session = session or ort_session(onnx_path, threads)
-    sizes, worst, trials = [], {}, []
+def reference_cases(spec: GraphSpec, module: torch.nn.Module, seed: int = 1,
+                    points: tuple[str, ...] = ("min", "opt", "max")) -> list[dict[str, Any]]:
+    """Fresh random inputs at each distinct size of the dynamic dims, with the torch module's outputs."""
+    cases, sizes = [], []
     for point in points:
         dims = spec.dims_at(point)
         if dims in sizes:
@@ -125,20 +122,37 @@ def validate_graph(spec: GraphSpec, module: torch.nn.Module, onnx_path: str | os
         sizes.append(dims)
         inputs = spec.sample(dims, torch.Generator().manual_seed(seed + len(sizes)))
         expected = run_module(spec, module, inputs)
-        outputs = session.run([t.name for t in spec.outputs], {k: to_numpy(v) for k, v in inputs.items()})
-        trial = {"dims": dims, "outputs": {}}
+        cases.append({"dims": dims, "inputs": {k: to_numpy(v) for k, v in inputs.items()},
+                      "expected": {k: to_numpy(v) for k, v in expected.items()}})
+    return cases
+
+
+def compare_cases(spec: GraphSpec, session, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run the ONNX Runtime session on the cases; raise ValidationError beyond tolerance. -> report."""
+    import onnxruntime as ort
+
+    tol, worst = TOLERANCES[spec.precision], {}
+    for case in cases:
+        outputs = session.run([t.name for t in spec.outputs], case["inputs"])
         for t, actual in zip(spec.outputs, outputs):
-            error = compare(actual, to_numpy(expected[t.name].float() if t.dtype == "bfloat16" else expected[t.name]))
-            trial["outputs"][t.name] = error
-            _merge(worst, t.name, error)
-        trials.append(trial)
+            _merge(worst, t.name, compare(actual, case["expected"][t.name]))
     problems = [p for t in spec.outputs if (p := judge(t.name, t.dtype, worst[t.name], tol))]
     report = {"provider": "CPUExecutionProvider", "onnxruntime": ort.__version__, "precision": spec.precision,
-              "tolerance": dataclasses.asdict(tol), "sizes": sizes, "outputs": worst, "passed": not problems}
+              "tolerance": dataclasses.asdict(tol), "sizes": [c["dims"] for c in cases], "outputs": worst,
+              "passed": not problems}
     if problems:
         raise ValidationError(f"graph {spec.name!r} ({spec.precision}) disagrees with its torch module in ONNX "
                               f"Runtime: " + "; ".join(problems))
     return report
+
+
+def validate_graph(spec: GraphSpec, module: torch.nn.Module, onnx_path: str | os.PathLike, seed: int = 1,
+                   threads: int = 1, session=None, points: tuple[str, ...] = ("min", "opt", "max")) -> dict[str, Any]:
+    """Run the ONNX graph and the torch module on the same fresh inputs (dynamic dims at min, opt and
+    max); raise ValidationError beyond tolerance, NotRunnable if ONNX Runtime cannot run it.
+    -> report (worst error per output)."""
+    cases = reference_cases(spec, module, seed, points)
+    return compare_cases(spec, session or ort_session(onnx_path, threads), cases)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Builds here use the TorchScript exporter where the exporter does not matter (the
 same for both; it is ~10x faster on tiny graphs), so the suite stays fast.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -104,6 +105,29 @@ def test_code_change_is_detected(copy, tiny_t2i, monkeypatch):
     assert rows["denoise"].why == "export code changed"
 
 
+def test_new_tolerances_revalidate_without_reexporting(copy, tiny_t2i, monkeypatch):
+    from export import build as build_module
+
+    looser = dataclasses.replace(build_module.TOLERANCES["fp32"], rtol=2e-4)
+    monkeypatch.setitem(build_module.TOLERANCES, "fp32", looser)
+    onnx_files = {k: v for k, v in _mtimes(copy).items() if ".onnx" in k}
+    rows, _ = _build(tiny_t2i, copy)
+    assert {r.status for r in rows.values()} == {"revalidated"}
+    assert {k: v for k, v in _mtimes(copy).items() if ".onnx" in k} == onnx_files
+    entry = mf.load_manifest(copy)["components"]["spatial"]
+    assert entry["validation"]["tolerance"]["rtol"] == 2e-4
+    rows, _ = _build(tiny_t2i, copy)
+    assert {r.status for r in rows.values()} == {"reused"}
+
+
+def test_a_build_without_validation_is_validated_later_without_reexporting(tiny_t2i, tmp_path):
+    out = tmp_path / "engines"
+    rows, _ = _build(tiny_t2i, out, only=("place",), validate=False)
+    assert rows["place"].parity == "not validated"
+    rows, _ = _build(tiny_t2i, out, only=("place",))
+    assert rows["place"].status == "revalidated" and rows["place"].parity.startswith("max 0.0e+00")
+
+
 def test_edited_artifact_is_detected_refused_by_verify_and_rebuilt(copy, tiny_t2i):
     data = copy / "spatial.onnx.data"
     raw = bytearray(data.read_bytes())
@@ -149,7 +173,7 @@ def test_failed_validation_stops_the_build_and_installs_nothing(tiny_t2i, tmp_pa
     def fail(spec, *args, **kwargs):
         raise ValidationError(f"graph {spec.name!r} (fp32) disagrees with its torch module in ONNX Runtime: x: ...")
 
-    monkeypatch.setattr(build_module, "validate_graph", fail)
+    monkeypatch.setattr(build_module, "compare_cases", fail)
     out = tmp_path / "engines"
     with pytest.raises(BuildError, match="disagrees with its torch module.*nothing was installed for place"):
         _build(tiny_t2i, out, only=("place",))
