@@ -1,0 +1,1 @@
+"""Latency and parity benchmarks (not part of the installed package; run from the repository root)."""

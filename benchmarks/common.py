@@ -1,0 +1,270 @@
+"""Shared pieces of the benchmarks: benchmark checkpoints, the environment record, timing helpers.
+
+Checkpoints: the released variants of `runtime.checkpoint` (tiny-t2i, tiny-t2v, d48w...), plus
+benchmark-only synthetic configurations between "tiny" (per-call overhead only) and full size
+(hours on a CPU), written in the same official layout with the same random-weight recipe.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_ROOT = ROOT / "checkpoints" / "synthetic"
+RESULTS_ROOT = ROOT / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark checkpoints
+# ---------------------------------------------------------------------------------------------------
+def _bench_variants() -> dict[str, dict[str, Any]]:
+    from runtime import checkpoint as ck
+
+    small_phi = {**ck.PHI2_CONFIG, "hidden_size": 320, "intermediate_size": 1280, "num_hidden_layers": 4,
+                 "num_attention_heads": 4, "num_key_value_heads": 4}  # head_dim 80 as Phi-2
+    return {
+        # 256x256 text-to-image: 256 image tokens, 64 video tokens, width 256, half the released depths
+        # (8 temporal, 16 spatial, 3 MLP blocks), Phi with 4 layers of width 320, an SDXL-type VAE with
+        # narrower channels. ~1 TF per image at 64 x 25 steps: seconds on a CPU, not milliseconds.
+        "mid-t2i": {"scheduler": ck.FLOW_MATCH_SCHEDULER, "text_encoder": small_phi,
+                    "vae": {**ck.SDXL_VAE_CONFIG, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1,
+                            "sample_size": 256},
+                    "transformer": ck._t2i_transformer(256, 256, depths=(8, 16, 3), text_dim=320)},
+    }
+
+
+BENCH_VARIANTS = ("mid-t2i",)
+
+
+def describe_variant(name: str) -> dict[str, Any] | None:
+    """The configs of a benchmark-only variant (None for the runtime's own variants)."""
+    return _bench_variants().get(name)
+
+
+def synthesize(variant: str, out: Path, seed: int = 0) -> Path:
+    """A random-weight checkpoint of a runtime variant or a benchmark variant at `out`."""
+    from runtime import checkpoint as ck
+
+    if variant in ck.VARIANT_NAMES:
+        return ck.synthesize(variant, out, seed)
+    spec = _bench_variants().get(variant)
+    if spec is None:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ck.VARIANT_NAMES + BENCH_VARIANTS)}")
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ck._synthesize_into(spec, staging, torch.Generator().manual_seed(seed))  # same recipe as ck.synthesize
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def resolve_checkpoint(checkpoint: str | None, variant: str | None, seed: int = 0) -> Path:
+    """The given folder, or a synthetic variant under checkpoints/synthetic/ (written on first use)."""
+    if checkpoint:
+        return Path(checkpoint)
+    folder = CHECKPOINT_ROOT / variant
+    if not (folder / "model_index.json").is_file():
+        print(f"writing synthetic {variant} checkpoint to {folder} (first use)", file=sys.stderr)
+        synthesize(variant, folder, seed)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment record
+# ---------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
+def device_slug(device: str) -> str:
+    """Short folder-name form of the device: cpu2 (2 CPUs), h100, h200, ..."""
+    if device.startswith("cuda"):
+        name = device_name(device).lower()
+        for known in ("h200", "h100", "a100", "l40s", "l4", "a10"):
+            if known in name:
+                return known
+        return "".join(c if c.isalnum() else "-" for c in name).strip("-")[:24] or "cuda"
+    return f"cpu{os.cpu_count()}"
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "") if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "onnxruntime", "onnx", "numpy", "transformers", "diffusers"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            out[name] = "not installed"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["cuda"] = torch.version.cuda or "?"
+            out["cudnn"] = str(torch.backends.cudnn.version())
+    except ImportError:
+        pass
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: str, argv: list[str] | None = None) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"date": now.isoformat(timespec="seconds"), "device": device, "device_name": device_name(device),
+            "host_cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "versions": versions(), "git_commit": git_commit(),
+            "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
+            "load_average_at_start": load_average()}
+
+
+def results_folder(device: str, out: str | None = None) -> Path:
+    if out:
+        return Path(out)
+    return RESULTS_ROOT / f"{datetime.date.today().isoformat()}-{device_slug(device)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process: VmHWM on Linux. (Not ru_maxrss: Linux carries it
+    over an exec, so a fresh worker would report the larger RSS of the parent it was forked from.)"""
+    hwm = _proc_status_bytes("VmHWM:")
+    if hwm:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _proc_status_bytes(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def current_rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS:")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) without numpy."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"median": percentile(values, 50), "p90": percentile(values, 90), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def matmul_rate(device: str, dtype_name: str, size: int | None = None, seconds: float = 1.0) -> dict[str, Any]:
+    """Measured dense matrix-multiply rate (FLOP/s) of torch on this device: the ceiling the stage
+    rates are compared with. CPU: one size x size fp32 product at the current thread count; GPU: an
+    8192^3 product timed with CUDA events over rotating inputs (median)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "tf32": torch.float32}[dtype_name]
+    cuda = device.startswith("cuda")
+    size = size or (8192 if cuda else 1024)
+    generator = torch.Generator(device=device).manual_seed(0)
+    pairs = [(torch.randn(size, size, device=device, generator=generator).to(dtype),
+              torch.randn(size, size, device=device, generator=generator).to(dtype)) for _ in range(3 if cuda else 1)]
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32 if cuda else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    try:
+        for a, b in pairs:  # warm-up
+            a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        times, deadline = [], time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 5:
+            a, b = pairs[len(times) % len(pairs)]
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                a @ b
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    median = percentile(times, 50)
+    return {"dtype": dtype_name, "size": size, "flops_per_s": 2.0 * size ** 3 / median, "median_s": median,
+            "runs": len(times), "threads": torch.get_num_threads() if not cuda else None}
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")

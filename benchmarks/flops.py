@@ -1,0 +1,159 @@
+"""Analytic FLOP counts per stage (NOVA_SPEC §6; 1 multiply-add = 2 FLOPs).
+
+Transformer work is counted as the spec counts it: per block and sequence 24·D²·q for the linear
+layers (qkv, proj, fc1, fc2) plus 4·q·Lk·D for attention (QKᵀ and AV), with q queries and Lk keys
+(q = Lk = L without a cache). Elementwise ops, norms and softmax are left out. VAE decoders are counted
+with torch's FlopCounterMode on a meta-device instance (no memory, no compute), as the spec did.
+
+Two counts per request:
+
+- `useful`: the work of the official algorithm (the spatial encoder half on the Nv + k known tokens
+  only, the diffusion MLP on exactly the tokens of each step). The same numerator for every backend,
+  so achieved FLOP/s compare like time does.
+- `executed`: what the runner's static-shape graphs compute (spatial encoder half at full length
+  Nv + N under a key mask, the diffusion MLP on n_max rows every step). executed / useful is the
+  price of static shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+STAGES = ("text", "temporal", "spatial", "denoise", "vae")
+
+
+def block(width: int, keys: int, queries: int | None = None) -> float:
+    """One transformer block on one sequence: queries attend to `keys` tokens (all of them, no mask)."""
+    q = keys if queries is None else queries
+    return 24.0 * width * width * q + 4.0 * q * keys * width
+
+
+def phi(text_config: dict[str, Any], tokens: int = 256, rows: int = 1) -> float:
+    """Phi-2 (parallel attention + MLP per layer) on `rows` sequences of `tokens`: q, k, v, dense
+    8·Dt²·L, fc1 + fc2 4·Dt·I·L, attention 4·L²·Dt (causal, counted in full as SDPA does)."""
+    d, inner = text_config["hidden_size"], text_config["intermediate_size"]
+    per_layer = 8.0 * d * d * tokens + 4.0 * d * inner * tokens + 4.0 * tokens * tokens * d
+    return rows * text_config["num_hidden_layers"] * per_layer
+
+
+def _config_numbers(config) -> dict[str, int]:
+    """Numbers of a `runtime.model.config.NOVAConfig` the formulas need."""
+    from runtime.model.config import parse_arch
+
+    mlp_depth, mlp_width = parse_arch(config.arch[2], "mlp")
+    return {"D": config.width, "Dm": mlp_width, "mlp_depth": mlp_depth, "N": config.num_image_tokens,
+            "Nv": config.num_video_tokens, "Lc": config.num_condition_tokens, "Dt": config.text_token_dim,
+            "Lt": config.text_token_len, "video_depth": config.video_depth, "image_depth": config.image_depth,
+            "token_dim": config.token_dim, "channels": config.image_dim, "video_patch": config.video_patch}
+
+
+def temporal_frame(config, t: int, rows: int) -> float:
+    """Temporal encoder for latent frame t (t = 0: condition + BOS frame; t >= 1: the previous frame's
+    tokens attending to the cache), on `rows` sequences (2 per image under CFG)."""
+    n = _config_numbers(config)
+    D, Nv, Lc = n["D"], n["Nv"], n["Lc"]
+    if t == 0:
+        blocks = n["video_depth"] * block(D, Lc + Nv)
+        extra = 2.0 * n["Lt"] * n["Dt"] * D  # text projection
+    else:
+        blocks = n["video_depth"] * block(D, Lc + (t + 1) * Nv, queries=Nv)
+        extra = 2.0 * Nv * n["channels"] * n["video_patch"] ** 2 * D  # patch embedding of the previous frame
+    return rows * (blocks + extra)
+
+
+def spatial_step(config, known: int, rows: int) -> float:
+    """One mask step of the spatial encoder with `known` generated tokens: blocks 0..d/2-1 on the
+    indicator plus the known tokens, blocks d/2..d-1 on the indicator plus all N tokens."""
+    n = _config_numbers(config)
+    D, N, Nv, half = n["D"], n["N"], n["Nv"], n["image_depth"] // 2
+    patch_embed = 2.0 * N * n["token_dim"] * D
+    return rows * (half * block(D, Nv + known) + (n["image_depth"] - half) * block(D, Nv + N) + patch_embed)
+
+
+def diffusion_token(config) -> float:
+    """Diffusion MLP per token row and diffusion step: condition projection, the AdaLN blocks, the final
+    AdaLN (the spec's count: 71.3 MF for d6w1024), plus the 16-value input embedding and head."""
+    n = _config_numbers(config)
+    D, Dm, td = n["D"], n["Dm"], n["token_dim"]
+    return 2.0 * (D * Dm + Dm * Dm) + n["mlp_depth"] * 10.0 * Dm * Dm + 4.0 * Dm * Dm + 4.0 * td * Dm
+
+
+def diffusion_call(config, tokens: int, rows: int) -> float:
+    """One diffusion step on `tokens` tokens of `rows` sequences (the timestep projection runs per row)."""
+    Dm = _config_numbers(config)["Dm"]
+    return rows * (tokens * diffusion_token(config) + 2.0 * (256 * Dm + Dm * Dm))
+
+
+@functools.lru_cache(maxsize=32)
+def _vae_decode(config_json: str, latent_shape: tuple[int, ...]) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runtime.model.vae import vae_class
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        vae = vae_class(config.get("_class_name")).from_config(config)
+        latents = torch.empty(latent_shape)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.decode(latents)
+    return float(counter.get_total_flops())
+
+
+def vae_decode(vae_config: dict[str, Any], latent_shape: tuple[int, ...]) -> float:
+    """VAE decode of one sample ([1, C, h, w], or [1, C, T, h, w] for the video VAE), counted on meta."""
+    return _vae_decode(json.dumps(vae_config, sort_keys=True), tuple(latent_shape))
+
+
+def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, steps: int = 64,
+            diffusion_steps: int = 25, frames: int = 1, batch: int = 1, cfg: bool = True, text_rows: int | None = None,
+            max_tokens_per_step: int | None = None) -> dict[str, dict[str, float]]:
+    """FLOPs per stage of one request -> {"useful": {stage: flops}, "executed": {stage: flops},
+    "executed_per_graph_call": {graph: flops of one call of the runner's graph}}.
+
+    text_rows: prompts Phi-2 runs on (default: one per image; the official pipeline also encodes the
+    empty negative prompt, which ours skip because its features are never read). max_tokens_per_step:
+    the runner's n_max (default: the schedule's largest step).
+    """
+    from runtime.graphs.specs import VIDEO_VAE_WINDOW
+    from runtime.schedules import mask_schedule
+
+    rows = batch * (2 if cfg else 1)
+    n = _config_numbers(config)
+    schedule = mask_schedule(n["N"], steps)
+    n_max = max_tokens_per_step or max(schedule)
+    text = phi(text_config, n["Lt"], batch if text_rows is None else text_rows)
+    temporal = sum(temporal_frame(config, t, rows) for t in range(frames))
+    known = [sum(schedule[:i]) for i in range(len(schedule))]
+    spatial_useful = frames * sum(spatial_step(config, k, rows) for k in known)
+    spatial_executed = frames * len(schedule) * spatial_step(config, n["N"], rows)
+    denoise_useful = frames * diffusion_steps * sum(diffusion_call(config, count, rows) for count in schedule)
+    denoise_executed = frames * diffusion_steps * len(schedule) * diffusion_call(config, n_max, rows)
+    h, w = config.latent_size
+    if vae_config.get("_class_name") == "AutoencoderKLOpenSora":
+        window = min(VIDEO_VAE_WINDOW, frames)
+        windows = 1 + max(0, (frames - window) // (window - 1))
+        vae = batch * windows * vae_decode(vae_config, (1, n["channels"], window, h, w))
+    else:
+        vae = batch * frames * vae_decode(vae_config, (1, n["channels"], h, w))
+    useful = {"text": text, "temporal": temporal, "spatial": spatial_useful, "denoise": denoise_useful, "vae": vae}
+    executed = {**useful, "spatial": spatial_executed, "denoise": denoise_executed}
+    vae_calls = batch * (windows if vae_config.get("_class_name") == "AutoencoderKLOpenSora" else frames)
+    per_call = {"text_encoder": text, "temporal_prefill": temporal_frame(config, 0, rows),
+                "temporal_step": (temporal - temporal_frame(config, 0, rows)) / (frames - 1) if frames > 1 else 0.0,
+                "spatial": spatial_step(config, n["N"], rows), "denoise": diffusion_call(config, n_max, rows),
+                "place": 0.0, "vae_decoder": vae / vae_calls}
+    return {"useful": useful, "executed": executed, "executed_per_graph_call": per_call}
+
+
+def for_checkpoint(folder, **options) -> dict[str, dict[str, float]]:
+    """`request(...)` with the configs read from a checkpoint folder."""
+    from pathlib import Path
+
+    from runtime import checkpoint
+
+    folder = Path(folder)
+    return request(checkpoint.transformer_config(folder), checkpoint.read_json(folder / "text_encoder" / "config.json"),
+                   checkpoint.read_json(folder / "vae" / "config.json"), **options)
