@@ -1,0 +1,157 @@
+"""Benchmarks: the FLOP formulas against NOVA_SPEC §6, and a smoke run of each script on tiny-t2i.
+
+The benchmarks themselves never run in CI (minutes to hours); these runs use one repetition and a
+few steps so the scripts and their reports cannot rot.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, flops
+from benchmarks.parity import sample_indices
+from benchmarks.targets import TargetSpec
+from runtime.model.config import NOVAConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PHI2 = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32}
+SDXL_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
+            "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025}
+
+
+def released(width: int) -> NOVAConfig:
+    """NOVA_SPEC §1.1: the sdxl1024 configs (all widths) and osp480 (width 0 here)."""
+    if width == 0:
+        return NOVAConfig.from_dict({"image_dim": 4, "image_size": [480, 768], "image_stride": 8, "text_token_dim": 2560,
+                                     "text_token_len": 256, "video_base_size": [16, 15, 24], "image_base_size": [30, 48],
+                                     "video_mixer_rank": 24, "arch": ["vit_d16w1024", "vit_d32w1024", "mlp_d3w1280"]})
+    return NOVAConfig.from_dict({"image_dim": 4, "image_size": 1024, "image_stride": 8, "text_token_dim": 2560,
+                                 "text_token_len": 256, "video_base_size": [1, 32, 32], "image_base_size": [64, 64],
+                                 "arch": [f"vit_d16w{width}", f"vit_d32w{width}", f"mlp_d6w{width}"]})
+
+
+def close(value: float, expected: float, rel: float = 0.01) -> bool:
+    return abs(value - expected) <= rel * expected
+
+
+# NOVA_SPEC §6.1, CFG batch of 2 counted: (width, temporal t=0, spatial k=0, spatial k=1000, MLP per row)
+PER_CALL = [(768, 0.74e12, 5.46e12, 6.22e12, 40.1e6), (1024, 1.25e12, 8.52e12, 9.73e12, 71.3e6),
+            (1536, 2.64e12, 16.49e12, 18.90e12, 160.5e6), (0, 0.55e12, 2.18e12, 3.21e12, 61.6e6)]
+
+
+@pytest.mark.parametrize("width, temporal, spatial0, spatial1000, mlp_row", PER_CALL)
+def test_per_call_flops_match_the_spec(width, temporal, spatial0, spatial1000, mlp_row):
+    config = released(width)
+    assert close(flops.temporal_frame(config, 0, rows=2), temporal)
+    assert close(flops.spatial_step(config, 0, rows=2), spatial0)
+    assert close(flops.spatial_step(config, 1000, rows=2), spatial1000)
+    assert close(flops.diffusion_token(config), mlp_row)
+
+
+def test_the_spec_arithmetic_example_and_the_video_and_text_costs():
+    # d48w1024, one mask step at k = 0: decoder half 3.78e12 + encoder half 4.8e11 per sequence
+    w1024 = released(1024)
+    assert close(16 * flops.block(1024, 5120), 3.78e12) and close(16 * flops.block(1024, 1024), 4.8e11)
+    osp = released(0)
+    steps = [flops.temporal_frame(osp, t, rows=2) for t in range(9)]
+    assert close(steps[1], 0.34e12, 0.02) and close(steps[8], 0.45e12, 0.02)
+    assert close(sum(steps), 3.71e12)
+    assert close(flops.phi(PHI2, 256, rows=2), 2.62e12)
+
+
+def test_request_totals_match_the_spec():
+    # §6.2: image encoder over the K = 64 schedule; video: 9 latents of osp480; VAEs counted on meta
+    for width, expected in ((768, 433.8e12), (1024, 676.3e12), (1536, 1308.2e12)):
+        total = flops.request(released(width), PHI2, SDXL_VAE, text_rows=2)
+        assert close(total["useful"]["spatial"], expected), width
+        assert close(total["useful"]["text"], 2.62e12) and close(total["useful"]["vae"], 10.47e12)
+        # the spec's diffusion totals are 2-4 % above its own per-row figure times the token count
+        assert close(total["useful"]["denoise"], {768: 8.5e12, 1024: 15.0e12, 1536: 33.5e12}[width], 0.05)
+        assert total["executed"]["spatial"] > 1.3 * total["useful"]["spatial"]  # full-length encoder half
+    from runtime.model.vae_opensora import OSP480_VAE_CONFIG
+
+    video = flops.request(released(0), PHI2, OSP480_VAE_CONFIG, frames=9, text_rows=2)
+    assert close(video["useful"]["spatial"], 1536e12) and close(video["useful"]["temporal"], 3.71e12)
+    assert close(video["useful"]["vae"], 266.3e12) and close(video["executed_per_graph_call"]["vae_decoder"], 133.2e12)
+    assert close(sum(video["useful"].values()), 1.85e15)
+
+
+def test_helpers():
+    assert common.percentile([3.0, 1.0, 2.0], 50) == 2.0 and common.percentile([1.0, 2.0], 90) == pytest.approx(1.9)
+    assert sample_indices(1600, 3) == {0, 800, 1599} and sample_indices(1, 3) == {0} and sample_indices(0, 3) == set()
+    assert TargetSpec.parse("onnxruntime").label == "onnxruntime:fp32"
+    with pytest.raises(ValueError, match="unknown target kind"):
+        TargetSpec.parse("tensorflow:fp32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Smoke runs of the scripts (one repetition, a few steps, the fast TorchScript exporter)
+# ---------------------------------------------------------------------------------------------------
+SMOKE = ["--steps", "4", "--diffusion-steps", "2", "--exporter", "torchscript", "--threads", "1"]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def check_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 800 and image.height >= 200
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 5  # drawn, not blank
+
+
+def test_latency_script_writes_real_reports(tiny_t2i, tmp_path):
+    run_script("latency.py", "--checkpoint", str(tiny_t2i), "--repetitions", "1", "--warmup", "1",
+               "--engines-root", str(tmp_path / "engines"), "--out", str(tmp_path / "out"), *SMOKE)
+    report = json.loads((tmp_path / "out" / "latency-tiny-t2i.json").read_text())
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["versions"]["torch"] and env["command"].count("latency.py") == 1
+    assert env["date"] and env["git_commit"]
+    assert [t["target"] for t in report["targets"]] == ["reference:fp32", "torch:fp32", "onnxruntime:fp32"]
+    assert report["matmul_rate"]["fp32"]["flops_per_s"] > 1e8
+    for target in report["targets"]:
+        assert len(target["e2e_seconds"]) == 1 and target["e2e"]["median"] > 0 and len(target["warmup_seconds"]) == 1
+        stages = {s: v["median"] for s, v in target["stages"].items()}
+        assert all(stages[s] > 0 for s in ("text", "temporal", "spatial", "denoise", "vae"))
+        assert sum(stages.values()) == pytest.approx(target["e2e"]["median"], rel=1e-6)
+        assert target["memory"]["peak_rss_bytes"] > 50 * 2**20
+        assert target["speedup_vs_reference"]["e2e"] > 0
+        assert target["checks"]["pixels_shape"] == [1, 64, 64, 3]
+        assert target["throughput"]["spatial"]["useful_flops_per_s"] > 0
+    runner = report["targets"][2]
+    assert runner["graph_calls"]["denoise"]["calls"] == 4 * 2 and runner["graph_calls"]["spatial"]["calls"] == 4
+    assert runner["overhead"]["denoise"]["compute_floor_seconds"] > 0
+    assert all(v > 0 for v in report["flops"]["useful"].values())
+    markdown = (tmp_path / "out" / "latency-tiny-t2i.md").read_text()
+    assert "| onnxruntime:fp32 | " in markdown and "x |" in markdown and "nan" not in markdown.lower()
+    check_png(tmp_path / "out" / "latency-tiny-t2i.png")
+
+
+def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
+    run_script("parity.py", "--checkpoint", str(tiny_t2i), "--targets", "torch:fp32,onnxruntime:fp32",
+               "--engines-root", str(tmp_path / "engines"), "--out", str(tmp_path / "out"), *SMOKE)
+    report = json.loads((tmp_path / "out" / "parity-tiny-t2i.json").read_text())
+    assert report["environment"]["versions"]["onnxruntime"] and report["self_drift"]["latents"]["max_abs"] < 1e-3
+    torch_fp32, ort_fp32 = report["targets"]
+    graphs = {g["graph"] for g in torch_fp32["graphs"]}
+    assert graphs == {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
+    assert all(g["max_abs"] == 0 for g in torch_fp32["graphs"])  # the recorded modules against themselves
+    assert all(g["finite"] and g["cosine"] > 0.9999 for g in ort_fp32["graphs"])
+    assert max(g["max_abs"] for g in ort_fp32["graphs"] if g["dtype"] == "float32") < 1e-3
+    for target in (torch_fp32, ort_fp32):
+        e2e = target["end_to_end"]
+        assert e2e["latents"]["max_abs"] < 1e-3 and len(e2e["per_frame_max_abs"]) == 1
+        assert e2e["pixels"]["psnr_db"] == "inf" or e2e["pixels"]["psnr_db"] > 40
+    markdown = (tmp_path / "out" / "parity-tiny-t2i.md").read_text()
+    assert "| onnxruntime:fp32 | spatial | z_selected |" in markdown and "self-drift" in markdown
+    check_png(tmp_path / "out" / "parity-tiny-t2i.png")
