@@ -128,6 +128,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_modified_files() -> list[str]:
+    """Tracked files that differ from the commit (work in progress in a shared checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout
+        return [line[3:] for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("torch", "onnxruntime", "onnx", "numpy", "transformers", "diffusers"):
@@ -158,7 +168,7 @@ def environment(device: str, argv: list[str] | None = None) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"date": now.isoformat(timespec="seconds"), "device": device, "device_name": device_name(device),
             "host_cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "versions": versions(), "git_commit": git_commit(),
+            "versions": versions(), "git_commit": git_commit(), "git_modified_files": git_modified_files(),
             "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
             "load_average_at_start": load_average()}
 

@@ -399,7 +399,8 @@ def markdown(report: dict[str, Any]) -> str:
     env, settings, ck = report["environment"], report["settings"], report["checkpoint"]
     cuda = env["device"].startswith("cuda")
     lines = [f"# Latency: {ck['name']} on {env['device_name']}", "",
-             f"- date: {env['date']}; git commit `{env['git_commit']}`",
+             f"- date: {env['date']}; git commit `{env['git_commit']}`"
+             + (f" (modified: {', '.join(env['git_modified_files'])})" if env.get("git_modified_files") else ""),
              f"- command: `{env['command']}`",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              f"- load average (1/5/15 min) at start {env['load_average_at_start']}, at end "
