@@ -48,7 +48,7 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     builder, rows, _ = request.getfixturevalue(which)
     expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
     if which == "t2v_build":
-        expected |= {"temporal_step", "vae_encoder"}
+        expected |= {"temporal_step", "vae_encoder", "vae_decoder_single"}
     assert {r.component for r in rows} == expected and all(r.status == "rebuilt" for r in rows)
     manifest = load_manifest(builder.options.out)
     for name, spec in builder.specs.items():
@@ -66,6 +66,8 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     sizes = manifest["components"]["text_encoder"]["validation"]["sizes"]
     if which == "t2i_build":
         assert sizes == [{"text_batch": 1}, {"text_batch": 4}]  # min (opt = max)
+    else:  # the video decoder's window is dynamic: 2..min(5, T_max)
+        assert manifest["components"]["vae_decoder"]["validation"]["sizes"] == [{"window": 2}, {"window": 3}]
 
 
 def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_k(t2i_build):

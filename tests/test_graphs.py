@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from export.validate import temporal_sequence
 from runtime.draws import RecordedDraws, ReplayDraws
-from runtime.graphs import BuildProfile, Checkpoint, Geometry, build_specs, frame_position, run_module
+from runtime.graphs import BuildProfile, Checkpoint, Dim, Geometry, build_specs, frame_position, run_module
 from runtime.graphs.modules import fp32_islands, time_embedding
 from runtime.graphs.profile import component_precision, max_tokens_per_step
 from runtime.model import vae as vae_ops
@@ -186,6 +186,19 @@ def test_vae_decoder_equals_reference_decode(t2i, t2v):
             got = module(latents[:, :, 0] if shape[2] == 1 else latents).numpy()
         assert got.shape == expected.shape and got.dtype == np.uint8
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1 and (got != expected).mean() < 1e-3
+
+
+def test_video_vae_windows_of_every_length_equal_reference_decode(t2v):
+    specs = build_specs(t2v, BuildProfile(max_latent_length=9), "fp32")
+    assert specs["vae_decoder"].dims["window"] == Dim("window", 2, 5, 5)
+    vae = t2v.module("vae", "fp32")
+    for frames in (1, 2, 4, 5):
+        spec = specs["vae_decoder_single" if frames == 1 else "vae_decoder"]
+        latents = torch.randn(1, 4, frames, 8, 12, generator=torch.Generator().manual_seed(frames))
+        expected = vae_ops.to_uint8(vae_ops.decode(vae, latents))
+        got = run_module(spec, spec.build(), {"latents": latents})["pixels"].numpy()
+        assert got.shape == expected.shape == spec.outputs[0].concrete({"window": frames, "vae_batch": 1})
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_vae_encoder_equals_reference_encode_image(t2v):

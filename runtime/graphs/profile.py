@@ -32,6 +32,7 @@ BACKEND_POLICY: dict[str, dict[str, dict[str, str]]] = {"tensorrt": {"fp16": {"t
 POLICY_REASONS = {
     ("fp16", "text_encoder"): "Phi-2 attention overflows in fp16",
     ("fp16", "vae_decoder"): "the SDXL/Open-Sora VAEs overflow in fp16",
+    ("fp16", "vae_decoder_single"): "the SDXL/Open-Sora VAEs overflow in fp16",
     ("fp16", "vae_encoder"): "the SDXL/Open-Sora VAEs overflow in fp16",
     ("fp16", "place"): "no matrix work: exact in fp32",
     ("bf16", "place"): "no matrix work: exact in fp32",

@@ -61,7 +61,9 @@ class TensorSpec:
     doc: str = ""
 
     def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
-        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+        """Sizes for given dynamic dims; a derived size is an expression of them, e.g. '4*window-3'."""
+        return tuple(d if isinstance(d, int) else dims[d] if d in dims else int(eval(d, {"__builtins__": {}}, dims))
+                     for d in self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -323,16 +325,13 @@ def build_specs(checkpoint: Checkpoint, profile: BuildProfile, precision: str = 
 
     # -- spatial (per mask step) -------------------------------------------------------------------
     def sample_spatial(dims, gen, known: int | None = None):
-        mask = _unknown_mask(B, N, gen, known)
-        canvas = unpatch_mask(mask) * _randn((B, C, h, w), gen)
-        return {"canvas": canvas, "unknown_mask": mask,
-                "indicator": _randn((M, Nv, D), gen, DTYPE_NAMES[act["spatial"]]),
-                "selected": _token_window(B, N, n, gen)}
-
-    def unpatch_mask(mask):
         from runtime.model.transformer import unpatchify
 
-        return unpatchify((1 - mask).expand(-1, -1, td), g.patch, h, w)
+        mask = _unknown_mask(B, N, gen, known)
+        known_pixels = unpatchify((1 - mask).expand(-1, -1, td), g.patch, h, w)  # the canvas is 0 where unknown
+        return {"canvas": known_pixels * _randn((B, C, h, w), gen), "unknown_mask": mask,
+                "indicator": _randn((M, Nv, D), gen, DTYPE_NAMES[act["spatial"]]),
+                "selected": _token_window(B, N, n, gen)}
 
     specs["spatial"] = GraphSpec(
         name="spatial", precision=prec["spatial"],
@@ -402,26 +401,44 @@ def build_specs(checkpoint: Checkpoint, profile: BuildProfile, precision: str = 
     VB = "vae_batch" if vae_dim else B
     H_px, W_px = g.image_size
     vae_src = ("runtime/model/vae.py", "runtime/model/vae_opensora.py")
+    decoder_dims = {d.name: d for d in [vae_dim] if d}
+    single = None
     if checkpoint.video_vae:
-        window = min(VIDEO_VAE_WINDOW, g.max_latent_length)
+        # Windows of up to 5 latents (the runner tiles longer videos with stride 4). Window sizes 2..5 share
+        # one graph with a dynamic time dim; a 1-latent request (an image from the video model) takes the
+        # official code's other branch (no temporal upsampling) and has its own graph.
+        largest = min(VIDEO_VAE_WINDOW, g.max_latent_length)
+        window_dim = _dim("window", 2, largest) if largest >= 2 else None
+        window = "window" if window_dim else largest
+        if window_dim:
+            decoder_dims[window_dim.name] = window_dim
+        frames = "4*window-3" if window_dim else 1 + 4 * (largest - 1)
         latents = _t("latents", "float32", VB, C, window, h, w,
-                     doc=f"one temporal window of {window} scaled latents (the runner tiles longer videos)")
-        pixels = _t("pixels", "uint8", VB, 1 + 4 * (window - 1), H_px, W_px, 3)
+                     doc=f"one temporal window of {'2..' if window_dim else ''}{largest} scaled latents")
+        pixels = _t("pixels", "uint8", VB, frames, H_px, W_px, 3, doc="1 + 4 (window - 1) frames")
+        if largest >= 2:
+            single = (_t("latents", "float32", VB, C, 1, h, w, doc="a 1-latent video (one image)"),
+                      _t("pixels", "uint8", VB, 1, H_px, W_px, 3))
     else:
         latents = _t("latents", "float32", VB, C, h, w, doc="scaled latents")
         pixels = _t("pixels", "uint8", VB, H_px, W_px, 3)
 
-    def sample_vae(dims, gen):
-        return {"latents": _randn(latents.concrete({**dims, "vae_batch": dims.get("vae_batch", B)}), gen)}
+    def decoder(name: str, inputs: TensorSpec, outputs: TensorSpec, dims: dict[str, Dim]) -> GraphSpec:
+        def sample(values, gen):
+            return {"latents": _randn(inputs.concrete(values), gen)}
 
-    specs["vae_decoder"] = GraphSpec(
-        name="vae_decoder", precision=prec["vae_decoder"],
-        doc="Unscale, decode, x * 127.5 + 127.5, clamp, truncate to uint8 (channels last).",
-        inputs=(latents,), outputs=(pixels,), dims={d.name: d for d in [vae_dim] if d}, component="vae",
-        weight_prefixes=("decoder.", "post_quant_conv."), sources=_sources(*vae_src),
-        build=lambda: VAEDecoderGraph(checkpoint.module("vae", prec["vae_decoder"]),
-                                      TORCH_DTYPES[prec["vae_decoder"]]).eval(),
-        sample=sample_vae)
+        return GraphSpec(
+            name=name, precision=prec["vae_decoder"],
+            doc="Unscale, decode, x * 127.5 + 127.5, clamp, truncate to uint8 (channels last).",
+            inputs=(inputs,), outputs=(outputs,), dims=dims, component="vae",
+            weight_prefixes=("decoder.", "post_quant_conv."), sources=_sources(*vae_src),
+            build=lambda: VAEDecoderGraph(checkpoint.module("vae", prec["vae_decoder"]),
+                                          TORCH_DTYPES[prec["vae_decoder"]]).eval(),
+            sample=sample)
+
+    specs["vae_decoder"] = decoder("vae_decoder", latents, pixels, decoder_dims)
+    if single:
+        specs["vae_decoder_single"] = decoder("vae_decoder_single", *single, {d.name: d for d in [vae_dim] if d})
 
     if checkpoint.video_vae and g.video and profile.image_to_video:
         def sample_encoder(dims, gen):
