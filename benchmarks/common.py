@@ -164,11 +164,32 @@ def load_average() -> list[float] | None:
         return None
 
 
+def gpu_details(device: str) -> dict[str, Any] | None:
+    """Properties of the CUDA device and, where nvidia-smi answers, its driver, clocks and power limit."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    out: dict[str, Any] = {"name": props.name, "memory_bytes": props.total_memory,
+                           "multiprocessors": props.multi_processor_count,
+                           "compute_capability": f"{props.major}.{props.minor}"}
+    try:
+        fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
+        line = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip().splitlines()[0]
+        out["nvidia_smi"] = dict(zip(fields.split(","), (v.strip() for v in line.split(","))))
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return out
+
+
 def environment(device: str, argv: list[str] | None = None) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"date": now.isoformat(timespec="seconds"), "device": device, "device_name": device_name(device),
-            "host_cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "versions": versions(), "git_commit": git_commit(), "git_modified_files": git_modified_files(),
+            "gpu": gpu_details(device), "host_cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(), "versions": versions(), "git_commit": git_commit(),
+            "git_modified_files": git_modified_files(),
             "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
             "load_average_at_start": load_average()}
 

