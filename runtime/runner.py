@@ -199,10 +199,6 @@ class NOVARunner:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
         if request.image is not None and "vae_encoder" not in self.specs:
             raise ValueError(f"image-to-video needs the VAE encoder graph, which was not built; {built}")
-        window = min(VIDEO_VAE_WINDOW, g.max_latent_length)
-        if self.checkpoint.video_vae and request.max_latent_length < window:
-            raise ValueError(f"max_latent_length {request.max_latent_length}: the video decoder graph takes windows of "
-                             f"{window} latents; {built}")
         peak = max(mask_schedule(g.num_tokens, request.num_inference_steps))
         if peak > g.max_tokens_per_step:
             raise ValueError(f"num_inference_steps {request.num_inference_steps} predicts up to {peak} tokens in one "
@@ -314,16 +310,17 @@ class NOVARunner:
     # -- decoding -----------------------------------------------------------------------------------------
     def _decoded_count(self, available: int, frames: int) -> int:
         """Latents whose pixels have been produced once `available` latents exist."""
-        if not self.checkpoint.video_vae:
-            return available
         window = min(VIDEO_VAE_WINDOW, frames)
+        if not self.checkpoint.video_vae or window == 1:
+            return available
         if available < window:
             return 0
         return window + ((available - window) // (window - 1)) * (window - 1)
 
     def _decode_ready(self, latents: list, frames: int, done: int, batch: int, timer: _Timer) -> Iterator[np.ndarray]:
-        """Decode what became decodable: an image VAE decodes each frame; the video VAE decodes windows of
-        5 latents with stride 4 (the official tiling), dropping the first output frame of later windows."""
+        """Decode what became decodable: an image VAE decodes each frame; the video VAE decodes all latents
+        at once up to 5, else windows of 5 with stride 4 (the official tiling), dropping the first output
+        frame of later windows and latents that fill no window."""
         ready = self._decoded_count(len(latents), frames)
         if ready == done:
             return
@@ -335,15 +332,16 @@ class NOVARunner:
             yield np.concatenate(images)
             return
         window = min(VIDEO_VAE_WINDOW, frames)
+        graph = "vae_decoder_single" if window == 1 else "vae_decoder"
         start = 0 if done == 0 else done - 1
         stacked = np.stack(latents, axis=2)
         while start + window <= ready:
             with timer.stage("vae"):
-                pixels = np.concatenate([backend.download(run("vae_decoder", {
+                pixels = np.concatenate([backend.download(run(graph, {
                     "latents": backend.upload(np.ascontiguousarray(stacked[i:i + 1, :, start:start + window]))})["pixels"])
                     for i in range(batch)])
             yield pixels if start == 0 else pixels[:, 1:]
-            start += window - 1
+            start += max(1, window - 1)
 
     # -- text ---------------------------------------------------------------------------------------------
     def _text_inputs(self, request: Request) -> dict[str, np.ndarray]:
