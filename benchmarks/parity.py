@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--graph-samples", type=int, default=3, help="calls compared per graph (evenly spread)")
     p.add_argument("--no-self-drift", action="store_true", help="skip the reference-against-itself baseline")
+    p.add_argument("--no-fp64", action="store_true", help="skip the per-graph float64 rounding baseline")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--name", help="report file name without extension (default parity-<checkpoint>)")
@@ -101,6 +102,32 @@ def psnr(actual: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
     diff = np.abs(a - e)
     return {"psnr_db": "inf" if mse == 0 else 10 * math.log10(255.0 ** 2 / mse), "max_abs": int(diff.max()),
             "differing_share": float((diff > 0).mean())}
+
+
+def parity_draws(generator):
+    """RecordedDraws whose token-order draw is handed out as float32 ranks.
+
+    The token order is the argsort of a uniform draw. 16-bit draws have many ties (a bf16 draw of 4096
+    values has about 700 distinct ones), and the runner sorts on the host while the reference sorts on
+    its device: on a GPU the two would break ties differently and generate different images from the
+    same numbers. Here the draw is taken from the generator as usual (same dtype, same stream), sorted
+    on the CPU exactly as the runner sorts it, and handed out as the ranks 0..N-1 (distinct, exact in
+    fp32), whose argsort is that order on any device. Both pipelines use the draw only through argsort.
+    """
+    import torch
+
+    from runtime.draws import RecordedDraws
+
+    class ParityDraws(RecordedDraws):
+        def uniform(self, shape, dtype):
+            values = torch.rand(shape, generator=self.generator, device=self._device(), dtype=dtype)
+            order = values.argsort(dim=1)
+            positions = torch.arange(shape[1], dtype=torch.float32).view(1, -1, *([1] * (len(shape) - 2)))
+            ranks = torch.empty(shape, dtype=torch.float32).scatter_(1, order.cpu(), positions.expand(shape).clone())
+            self.tensors.append(ranks)
+            return ranks
+
+    return ParityDraws(generator)
 
 
 def _np(value) -> np.ndarray:
@@ -199,6 +226,41 @@ def replay_graph_calls(runner, records: list[dict[str, Any]]) -> list[dict[str, 
     return out
 
 
+def fp64_graph_errors(runner, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounding scale of each graph: the recorded fp32 outputs against the same torch module run in
+    float64 (weights and compute; the few explicit fp32 casts inside the graphs stay) on the recorded
+    inputs. A backend's fp32 error of the same size as this is rounding, not a defect."""
+    import copy
+
+    import torch
+
+    from runtime.graphs.modules import GraphModule
+    from runtime.graphs.specs import run_module
+
+    backend, out = runner.backend, []
+    for graph in dict.fromkeys(r["graph"] for r in records):
+        module = copy.deepcopy(backend.modules[graph]).double()
+        for sub in module.modules():
+            if isinstance(sub, GraphModule):
+                sub.compute_dtype = torch.float64
+        spec = runner.specs[graph]
+        for record in (r for r in records if r["graph"] == graph):
+            inputs = {}
+            for name, value in record["inputs"].items():
+                tensor = torch.from_numpy(np.ascontiguousarray(value)).to(backend.device)
+                inputs[name] = tensor.double() if tensor.is_floating_point() else tensor
+            result = run_module(spec, module, inputs)
+            for tensor in spec.outputs:
+                exact = _np(result[tensor.name])
+                error = compare(record["outputs"][tensor.name], exact)
+                if tensor.dtype == "uint8":
+                    error.update(psnr(record["outputs"][tensor.name], exact))
+                out.append({"graph": graph, "call": record["call"], "output": tensor.name, "dtype": tensor.dtype,
+                            **error})
+        del module
+    return out
+
+
 def _numpy_dtype(name: str):
     if name == "bfloat16":
         raise ValueError("numpy (and ONNX Runtime's CPU provider) has no bfloat16 inputs")
@@ -248,7 +310,7 @@ def run_parity(args) -> dict[str, Any]:
 
     from benchmarks.latency import engine_folders, parse_engines
     from benchmarks.targets import Target, build_profile
-    from runtime.draws import RecordedDraws, ReplayDraws
+    from runtime.draws import ReplayDraws
     from runtime.runner import NOVARunner
 
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -285,11 +347,15 @@ def run_parity(args) -> dict[str, Any]:
     recorder_runner = NOVARunner.from_checkpoint(checkpoint, profile, precision="fp32", device=args.device)
     selection = {g: sample_indices(n, args.graph_samples) for g, n in expected_calls(recorder_runner, options).items()}
     recorder = CallRecorder(recorder_runner.backend, selection)
-    fp32_draws = RecordedDraws(generator())
+    fp32_draws = parity_draws(generator())
     fp32_output = recorder_runner(args.prompt, draws=fp32_draws, **options)
     recorder.restore()
     records = recorder.records
     baseline_for("fp32", fp32_draws.tensors)
+    rounding = None
+    if not args.no_fp64:
+        log("graph modules in float64 on the recorded inputs (rounding scale)")
+        rounding = summarize_graph_errors(fp64_graph_errors(recorder_runner, records))
 
     # 2. the reference against itself, another batch layout (same draws, duplicated)
     self_drift = None
@@ -311,20 +377,20 @@ def run_parity(args) -> dict[str, Any]:
                 target_runner, output, draws = recorder_runner, fp32_output, fp32_draws
             elif spec.is_reference:
                 target = Target(spec, checkpoint, args.device)
-                draws = RecordedDraws(generator())
+                draws = parity_draws(generator())
                 output = target.run(args.prompt, args.seed, options, instrument=False, draws=draws).output
                 target_runner = None
             else:
                 target = Target(spec, checkpoint, args.device, engines=folders.get(spec.label), profile=profile)
                 target_runner = target.runner
-                draws = RecordedDraws(generator())
+                draws = parity_draws(generator())
                 output = target_runner(args.prompt, draws=draws, **options)
         except Exception as error:  # a backend that cannot run here is reported, not fatal
             entry["error"] = f"{type(error).__name__}: {error}"
             log(f"  {spec.label}: {entry['error']}")
             results.append(entry)
             continue
-        draw_dtype = str(draws.tensors[-1].dtype).replace("torch.", "")
+        draw_dtype = str(draws.tensors[-1].dtype).replace("torch.", "")  # the last draw is noise (normal)
         entry["draws"] = draw_dtype
         entry["end_to_end"] = end_to_end(output.latents, _pixels(output), baseline_for(draw_dtype, draws.tensors))
         if target_runner is not None:
@@ -344,7 +410,8 @@ def run_parity(args) -> dict[str, Any]:
             "settings": {"prompt": args.prompt, "seed": args.seed, **options, "graph_samples": args.graph_samples,
                          "sampled_calls": {g: sorted(s) for g, s in selection.items() if s},
                          "baseline": f"reference:fp32 on {args.device} (TF32 off)", "exporter": args.exporter},
-            "engine_builds": builds, "self_drift": self_drift, "targets": results,
+            "engine_builds": builds, "self_drift": self_drift, "graph_rounding_fp32_vs_fp64": rounding,
+            "targets": results,
             "wall_seconds": time.perf_counter() - started}
 
 
@@ -405,10 +472,16 @@ def markdown(report: dict[str, Any]) -> str:
             if e is not None:
                 lines.append(f"| {label} | " + " | ".join(_e(v) for v in e["per_frame_max_abs"]) + " |")
     lines += ["", "## Per graph (sampled calls of the fp32 trajectory; worst over the samples)", "",
+              "Each target's graph outputs against the recorded torch fp32 outputs on the same inputs. The first "
+              "rows give the rounding scale: the recorded fp32 outputs against the same modules run in float64.", "",
               "Calls sampled per graph: " + ", ".join(f"{g} {c}" for g, c in s["sampled_calls"].items()), "",
               "| target | graph | output | max abs | mean abs | cosine | reference max abs | note |",
               "|---|---|---|---:|---:|---:|---:|---|"]
-    for t in report["targets"]:
+    graph_rows = []
+    if report.get("graph_rounding_fp32_vs_fp64"):
+        graph_rows.append({"target": "torch:fp32 vs float64 (rounding scale)", "kind": "baseline",
+                           "graphs": report["graph_rounding_fp32_vs_fp64"]})
+    for t in graph_rows + report["targets"]:
         if "graphs_error" in t:
             lines.append(f"| {t['target']} | – | – | | | | | not run: {t['graphs_error'][:160]} |")
         for g in t.get("graphs", []):

@@ -146,6 +146,8 @@ def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
     graphs = {g["graph"] for g in torch_fp32["graphs"]}
     assert graphs == {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
     assert all(g["max_abs"] == 0 for g in torch_fp32["graphs"])  # the recorded modules against themselves
+    rounding = {g["graph"]: g for g in report["graph_rounding_fp32_vs_fp64"]}
+    assert 0 < rounding["spatial"]["max_abs"] < 1e-4 and rounding["place"]["max_abs"] == 0
     assert all(g["finite"] and g["cosine"] > 0.9999 for g in ort_fp32["graphs"])
     assert max(g["max_abs"] for g in ort_fp32["graphs"] if g["dtype"] == "float32") < 1e-3
     for target in (torch_fp32, ort_fp32):
@@ -154,4 +156,5 @@ def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
         assert e2e["pixels"]["psnr_db"] == "inf" or e2e["pixels"]["psnr_db"] > 40
     markdown = (tmp_path / "out" / "parity-tiny-t2i.md").read_text()
     assert "| onnxruntime:fp32 | spatial | z_selected |" in markdown and "self-drift" in markdown
+    assert "| torch:fp32 vs float64 (rounding scale) | spatial |" in markdown
     check_png(tmp_path / "out" / "parity-tiny-t2i.png")
