@@ -117,13 +117,15 @@ def resolve_backend(requested: str, report: Callable[[str], None]) -> tuple[str,
 
 
 def parity_summary(validation: dict[str, Any] | None) -> str:
+    """Worst max abs error and cosine against the torch module (16-bit graphs: also against fp32)."""
     if not validation:
         return "not validated"
     if validation.get("passed") is None:
         return f"not run (no {validation.get('precision', '')} kernels)".replace("no  ", "no ")
-    worst = max(validation["outputs"].values(), key=lambda e: e["max_abs"])
-    cosine = min(e["cosine"] for e in validation["outputs"].values())
-    return f"max {worst['max_abs']:.1e} cos {cosine:.6f}"
+    outputs = validation["outputs"].values()
+    text = f"max {max(e['max_abs'] for e in outputs):.1e} cos {min(e['cosine'] for e in outputs):.6f}"
+    anchored = [e["vs_fp32"]["max_abs"] for e in outputs if "vs_fp32" in e]
+    return text + (f" (vs fp32 {max(anchored):.1e})" if anchored else "")
 
 
 class _StageBar:
@@ -253,7 +255,7 @@ class Builder:
             bar.update(1)
             if o.validate and (entry.get("validation") or {}).get("key") != self.validation_key(spec, key):
                 bar.set_postfix_str("validating")
-                entry["validation"] = self._validate(spec, lambda: reference_cases(spec, spec.build(), seed=1),
+                entry["validation"] = self._validate(spec, lambda: self._cases(spec, spec.build()),
                                                      o.out / f"{spec.name}.onnx")
                 entry["validation"]["key"] = self.validation_key(spec, key)
                 components[spec.name] = entry
@@ -312,12 +314,12 @@ class Builder:
             validation = None
             if o.validate:
                 if spec.component == "text_encoder":  # Phi-2 is large: free the torch copy before ORT loads its own
-                    cases = reference_cases(spec, module, seed=1)
+                    cases = self._cases(spec, module)
                     module = None
                     self.checkpoint.release("text_encoder")
                     validation = self._validate(spec, lambda: cases, onnx_path)
                 else:
-                    validation = self._validate(spec, lambda: reference_cases(spec, module, seed=1), onnx_path)
+                    validation = self._validate(spec, lambda: self._cases(spec, module), onnx_path)
                 validation["key"] = self.validation_key(spec, key)
             # Publish: forget the old entry first, then move the files in, then record them.
             if spec.name in components:
@@ -337,6 +339,17 @@ class Builder:
         components[spec.name] = entry
         mf.save_manifest(o.out, self._manifest_body())
         return entry
+
+    def fp32_twin(self, spec: GraphSpec) -> GraphSpec | None:
+        """The same graph at fp32 (the anchor of 16-bit comparisons), or None for an fp32 graph."""
+        if spec.precision == "fp32":
+            return None
+        o = self.options
+        return build_specs(self.checkpoint, o.profile, "fp32", None, self.backend)[spec.name]
+
+    def _cases(self, spec: GraphSpec, module, seed: int = 1) -> list[dict[str, Any]]:
+        twin = self.fp32_twin(spec)
+        return reference_cases(spec, module, seed, fp32_module=twin.build() if twin else None, fp32_spec=twin)
 
     def _validate(self, spec: GraphSpec, make_cases: Callable[[], list[dict[str, Any]]],
                   onnx_path: Path) -> dict[str, Any]:
@@ -365,9 +378,10 @@ class Builder:
         prefill_session = ort_session(prefill_onnx, self.options.threads)
         frames = min(self.options.validate_frames, self.geometry.max_latent_length)
         model = self.checkpoint.module("transformer", step.precision)
+        fp32_model = self.checkpoint.module("transformer", "fp32") if step.precision != "fp32" else None
         return temporal_sequence(
             prefill, step, lambda feed: prefill_session.run(None, feed), lambda feed: step_session.run(None, feed),
-            model, self.geometry, frames)
+            model, self.geometry, frames, fp32_model=fp32_model)
 
     # -- TensorRT ---------------------------------------------------------------------------------------
     def _engine(self, spec: GraphSpec, entry: dict[str, Any]) -> list[str]:
@@ -396,7 +410,8 @@ class Builder:
         validation = None
         if o.validate:
             try:
-                validation = tensorrt_build.validate_engine(spec, spec.build(), plan)
+                validation = compare_cases(spec, lambda feed: tensorrt_build.run_engine(plan, spec, feed),
+                                           self._cases(spec, spec.build(), seed=11), what="TensorRT")
             except ValidationError as error:
                 plan.unlink(missing_ok=True)
                 raise BuildError(f"{error}. The build stops here.") from None

@@ -198,29 +198,3 @@ def run_engine(plan_path: Path, spec: GraphSpec, inputs: dict[str, Any]) -> list
         raise EngineBuildError(f"{plan_path.name}: execute_async_v3 failed")
     stream.synchronize()
     return [o.float().cpu().numpy() if o.dtype == torch.bfloat16 else o.cpu().numpy() for o in outputs]
-
-
-def validate_engine(spec: GraphSpec, module, plan_path: Path, seed: int = 11) -> dict[str, Any]:
-    """The engine against its torch module (on the CPU) at min/opt/max, with the ONNX tolerances."""
-    import torch
-
-    from export.validate import TOLERANCES, ValidationError, _merge, compare, judge, to_numpy
-    from runtime.graphs.specs import run_module
-
-    worst, sizes = {}, []
-    for point in ("min", "opt", "max"):
-        dims = spec.dims_at(point)
-        if dims in sizes:
-            continue
-        sizes.append(dims)
-        inputs = spec.sample(dims, torch.Generator().manual_seed(seed + len(sizes)))
-        expected = run_module(spec, module, inputs)
-        got = run_engine(plan_path, spec, {k: to_numpy(v) for k, v in inputs.items()})
-        for t, actual in zip(spec.outputs, got):
-            ref = expected[t.name]
-            _merge(worst, t.name, compare(actual, to_numpy(ref.float() if ref.dtype == torch.bfloat16 else ref)))
-    tol = TOLERANCES[spec.precision]
-    problems = [p for t in spec.outputs if (p := judge(t.name, t.dtype, worst[t.name], tol))]
-    if problems:
-        raise ValidationError(f"TensorRT engine of {spec.name!r} disagrees with its torch module: " + "; ".join(problems))
-    return {"sizes": sizes, "outputs": worst, "passed": True}

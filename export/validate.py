@@ -84,36 +84,66 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
             "finite": bool(np.isfinite(a).all())}
 
 
-def judge(name: str, dtype: str, error: dict[str, float], tol: Tolerance) -> str | None:
-    """None if within tolerance, else why not."""
+def judge(name: str, dtype: str, error: dict[str, Any], tol: Tolerance) -> str | None:
+    """None if within tolerance, else why not.
+
+    16-bit graphs carry two more comparisons (`vs_fp32`: the graph against the fp32 module;
+    `module_vs_fp32`: the 16-bit torch module against the fp32 module). Two 16-bit computations round
+    differently, and over 16-32 post-norm layers the torch CPU fp16 path drifts further from fp32 than
+    ONNX Runtime does (measured at full size). So a 16-bit graph outside the fixed tolerance still passes
+    when it is at least as close to fp32 as its own torch module is (x1.5 + atol), with the cosine bound.
+    """
     if not error["finite"]:
         return f"{name}: non-finite values"
-    if dtype == "uint8" or dtype == "bool" or dtype == "int64":
-        if error["max_abs"] > tol.uint8_max or error["differing_share"] > tol.uint8_share:
-            return (f"{name}: max abs {error['max_abs']:g} (allowed {tol.uint8_max}), "
-                    f"{100 * error['differing_share']:.2f}% differ (allowed {100 * tol.uint8_share:g}%)")
-        return None
+    if dtype in ("uint8", "bool", "int64"):
+        if error["max_abs"] <= tol.uint8_max and error["differing_share"] <= tol.uint8_share:
+            return None
+        anchored = error.get("vs_fp32")
+        if anchored and anchored["max_abs"] <= max(tol.uint8_max, 1.5 * error["module_vs_fp32"]["max_abs"]):
+            return None
+        return (f"{name}: max abs {error['max_abs']:g} (allowed {tol.uint8_max}), "
+                f"{100 * error['differing_share']:.2f}% differ (allowed {100 * tol.uint8_share:g}%)")
     limit = tol.atol + tol.rtol * error["ref_max"]
-    if error["max_abs"] > limit or error["cosine"] < tol.min_cosine:
-        return (f"{name}: max abs {error['max_abs']:.3g} (allowed {limit:.3g}), cosine {error['cosine']:.6f} "
-                f"(allowed >= {tol.min_cosine})")
-    return None
+    if error["max_abs"] <= limit and error["cosine"] >= tol.min_cosine:
+        return None
+    anchored = error.get("vs_fp32")
+    if anchored:
+        anchor_limit = tol.atol + 1.5 * error["module_vs_fp32"]["max_abs"]
+        if anchored["max_abs"] <= anchor_limit and anchored["cosine"] >= tol.min_cosine:
+            return None
+        return (f"{name}: max abs {error['max_abs']:.3g} vs the {tol_name(tol)} module (allowed {limit:.3g}) and "
+                f"{anchored['max_abs']:.3g} vs the fp32 module (allowed {anchor_limit:.3g}: 1.5x the torch module's "
+                f"own), cosine {min(error['cosine'], anchored['cosine']):.6f} (allowed >= {tol.min_cosine})")
+    return (f"{name}: max abs {error['max_abs']:.3g} (allowed {limit:.3g}), cosine {error['cosine']:.6f} "
+            f"(allowed >= {tol.min_cosine})")
 
 
-def _merge(worst: dict[str, dict], name: str, error: dict[str, float]) -> None:
+def tol_name(tol: Tolerance) -> str:
+    return next((k for k, v in TOLERANCES.items() if v == tol), "same-precision")
+
+
+def _merge(worst: dict[str, dict], name: str, error: dict[str, Any]) -> None:
     if name not in worst:
-        worst[name] = dict(error)
+        worst[name] = {k: dict(v) if isinstance(v, dict) else v for k, v in error.items()}
         return
     w = worst[name]
     for key in ("max_abs", "mean_abs", "ref_max", "differing_share"):
         w[key] = max(w[key], error[key])
     w["cosine"] = min(w["cosine"], error["cosine"])
     w["finite"] = w["finite"] and error["finite"]
+    for sub in ("vs_fp32", "module_vs_fp32"):
+        if sub in error:
+            if sub in w:
+                _merge(w, sub, error[sub])
+            else:
+                w[sub] = dict(error[sub])
 
 
 def reference_cases(spec: GraphSpec, module: torch.nn.Module, seed: int = 1,
-                    points: tuple[str, ...] = ("min", "opt", "max")) -> list[dict[str, Any]]:
-    """Fresh random inputs at each distinct size of the dynamic dims, with the torch module's outputs."""
+                    points: tuple[str, ...] = ("min", "opt", "max"), fp32_module: torch.nn.Module | None = None,
+                    fp32_spec: GraphSpec | None = None) -> list[dict[str, Any]]:
+    """Fresh random inputs at each distinct size of the dynamic dims, with the torch module's outputs
+    (and, for a 16-bit graph given its fp32 twin, the fp32 module's outputs on the same inputs)."""
     cases, sizes = [], []
     for point in points:
         dims = spec.dims_at(point)
@@ -122,27 +152,36 @@ def reference_cases(spec: GraphSpec, module: torch.nn.Module, seed: int = 1,
         sizes.append(dims)
         inputs = spec.sample(dims, torch.Generator().manual_seed(seed + len(sizes)))
         expected = run_module(spec, module, inputs)
-        cases.append({"dims": dims, "inputs": {k: to_numpy(v) for k, v in inputs.items()},
-                      "expected": {k: to_numpy(v) for k, v in expected.items()}})
+        case = {"dims": dims, "inputs": {k: to_numpy(v) for k, v in inputs.items()},
+                "expected": {k: to_numpy(v) for k, v in expected.items()}}
+        if fp32_module is not None:
+            wide = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+            case["fp32"] = {k: to_numpy(v) for k, v in run_module(fp32_spec or spec, fp32_module, wide).items()}
+        cases.append(case)
     return cases
 
 
-def compare_cases(spec: GraphSpec, session, cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run the ONNX Runtime session on the cases; raise ValidationError beyond tolerance. -> report."""
+def compare_cases(spec: GraphSpec, run, cases: list[dict[str, Any]], what: str = "ONNX Runtime") -> dict[str, Any]:
+    """Run the graph on the cases (`run`: an ONNX Runtime session, or a callable taking the named numpy
+    inputs and returning the outputs in declaration order); raise ValidationError beyond tolerance."""
     import onnxruntime as ort
 
+    call = run if callable(run) else (lambda feed: run.run([t.name for t in spec.outputs], feed))
     tol, worst = TOLERANCES[spec.precision], {}
     for case in cases:
-        outputs = session.run([t.name for t in spec.outputs], case["inputs"])
-        for t, actual in zip(spec.outputs, outputs):
-            _merge(worst, t.name, compare(actual, case["expected"][t.name]))
+        for t, actual in zip(spec.outputs, call(case["inputs"])):
+            error = compare(actual, case["expected"][t.name])
+            if "fp32" in case:
+                error["vs_fp32"] = compare(actual, case["fp32"][t.name])
+                error["module_vs_fp32"] = compare(case["expected"][t.name], case["fp32"][t.name])
+            _merge(worst, t.name, error)
     problems = [p for t in spec.outputs if (p := judge(t.name, t.dtype, worst[t.name], tol))]
-    report = {"provider": "CPUExecutionProvider", "onnxruntime": ort.__version__, "precision": spec.precision,
-              "tolerance": dataclasses.asdict(tol), "sizes": [c["dims"] for c in cases], "outputs": worst,
-              "passed": not problems}
+    report = {"provider": "CPUExecutionProvider" if what == "ONNX Runtime" else what, "onnxruntime": ort.__version__,
+              "precision": spec.precision, "tolerance": dataclasses.asdict(tol), "sizes": [c["dims"] for c in cases],
+              "outputs": worst, "passed": not problems}
     if problems:
-        raise ValidationError(f"graph {spec.name!r} ({spec.precision}) disagrees with its torch module in ONNX "
-                              f"Runtime: " + "; ".join(problems))
+        raise ValidationError(f"graph {spec.name!r} ({spec.precision}) disagrees with its torch module in {what}: "
+                              + "; ".join(problems))
     return report
 
 
@@ -183,19 +222,22 @@ def reference_temporal(model, geometry, text_hidden, text_lengths, motion_flow, 
 
 
 def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step, model, geometry, frames: int,
-                      seed: int = 5) -> dict[str, Any]:
+                      seed: int = 5, fp32_model=None) -> dict[str, Any]:
     """Prefill + (frames - 1) steps with the cache carried between calls, against `reference_temporal`.
 
     `run_prefill` / `run_step` map named numpy inputs to a list of outputs in declaration order (an
-    ONNX Runtime session's run, or the torch module). -> per-frame errors of the indicator; raises
+    ONNX Runtime session's run, or the torch module). For 16-bit graphs, `fp32_model` (the fp32
+    transformer) anchors the comparison as in `judge`. -> per-frame errors of the indicator; raises
     ValidationError beyond tolerance."""
     g = geometry
     gen = torch.Generator().manual_seed(seed)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[step.precision]
     inputs = prefill.sample({}, gen)
     latents = [torch.randn(g.batch, g.channels, *g.latent_size, generator=gen) for _ in range(frames - 1)]
-    expected = reference_temporal(model, g, inputs["text_hidden"].to(dtype), inputs["text_lengths"],
-                                  inputs.get("motion_flow"), latents, frames, dtype)
+    args = (inputs["text_hidden"], inputs["text_lengths"], inputs.get("motion_flow"), latents, frames)
+    expected = reference_temporal(model, g, args[0].to(dtype), *args[1:], dtype)
+    wide = reference_temporal(fp32_model, g, *args, torch.float32) if fp32_model is not None and dtype != torch.float32 \
+        else None
     numpy_inputs = {k: to_numpy(v) for k, v in inputs.items()}
     numpy_inputs["frame_position"] = frame_position(0, frames, g.base_t)
     indicator, k_cache, v_cache = run_prefill(numpy_inputs)
@@ -208,8 +250,13 @@ def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step
             feed["anchor"] = anchor
         indicator, k_cache, v_cache = run_step(feed)
         got.append(indicator)
-    tol = TOLERANCES[step.precision]
-    errors = [compare(np.asarray(a), to_numpy(e.float() if e.dtype == torch.bfloat16 else e)) for a, e in zip(got, expected)]
+    tol, errors = TOLERANCES[step.precision], []
+    for t, (actual, reference) in enumerate(zip(got, expected)):
+        error = compare(np.asarray(actual), to_numpy(reference))
+        if wide is not None:
+            error["vs_fp32"] = compare(np.asarray(actual), to_numpy(wide[t]))
+            error["module_vs_fp32"] = compare(to_numpy(reference), to_numpy(wide[t]))
+        errors.append(error)
     problems = [p for t, e in enumerate(errors) if (p := judge(f"indicator of frame {t}", "float", e, tol))]
     report = {"frames": frames, "indicator": errors, "passed": not problems}
     if problems:
