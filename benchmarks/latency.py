@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
                         "runs (separate; auto = separate on cuda, where timing regions synchronize)")
     p.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<date>-<device>)")
     p.add_argument("--name", help="report file name without extension (default latency-<checkpoint>)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of an existing report")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -419,15 +420,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_rate(r['after']['flops_per_s'])}, {r['before']['size']}^3)" for d, r in rates.items()))
     lines += ["", "## End to end", "",
               "| target | median s | p90 s | speed-up vs reference | useful FLOP/s | first run s | load s | "
-              + ("peak GPU memory (generation) |" if cuda else "peak RSS |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              + ("GPU memory after load | peak GPU memory allocated |" if cuda else "RSS after load | peak RSS |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in report["targets"]:
         speed = t.get("speedup_vs_reference", {}).get("e2e")
-        memory = t["memory"].get("cuda_max_allocated_bytes") if cuda else t["memory"].get("peak_rss_bytes")
+        key, peak_key = ("cuda_allocated_bytes", "cuda_max_allocated_bytes") if cuda else ("rss_bytes", "peak_rss_bytes")
         lines.append(f"| {t['target']} | {_s(t['e2e']['median'])} | {_s(t['e2e']['p90'])} | "
                      f"{'%.2fx' % speed if speed else '–'} | {_rate(t['useful_flops_per_s_e2e'])} | "
                      f"{_s(t['warmup_seconds'][0]) if t['warmup_seconds'] else '–'} | {_s(t['load_seconds'])} | "
-                     f"{_bytes(memory)} |")
+                     f"{_bytes(t['memory_after_load'].get(key))} | {_bytes(t['memory'].get(peak_key))} |")
     lines += ["", "## Per stage (median seconds; speed-up vs reference in parentheses)", "",
               "| target | " + " | ".join(STAGES) + " | other (host) |", "|---|" + "---:|" * (len(STAGES) + 1)]
     for t in report["targets"]:
@@ -523,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render:
+        path = Path(args.render)
+        print("wrote " + ", ".join(str(p) for p in write_reports(json.loads(path.read_text()), path.parent, path.stem).values()))
+        return 0
     if args.repetitions < 1 or args.warmup < 0 or args.threads < 1:
         print("error: --repetitions and --threads must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--name", help="report file name without extension (default parity-<checkpoint>)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of an existing report")
     return p
 
 
@@ -526,6 +527,12 @@ def write_reports(report: dict[str, Any], folder: Path, name: str) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.render:
+        import json
+
+        path = Path(args.render)
+        print("wrote " + ", ".join(str(p) for p in write_reports(json.loads(path.read_text()), path.parent, path.stem).values()))
+        return 0
     try:
         report = run_parity(args)
     except (ValueError, RuntimeError, OSError) as error:
