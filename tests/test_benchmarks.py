@@ -158,3 +158,20 @@ def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
     assert "| onnxruntime:fp32 | spatial | z_selected |" in markdown and "self-drift" in markdown
     assert "| torch:fp32 vs float64 (rounding scale) | spatial |" in markdown
     check_png(tmp_path / "out" / "parity-tiny-t2i.png")
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh cannot run here (no GPU): its CPU dry-run mode drives the same steps on tiny models."""
+    env = {"DEVICE": "cpu", "T2I_VARIANT": "tiny-t2i", "T2V_VARIANT": "tiny-t2v", "STEPS": "4", "DIFFUSION_STEPS": "2",
+           "FRAMES": "5", "REPS": "1", "TARGETS": "reference:fp32,torch:fp32", "NOVA_BENCH_DATA": str(tmp_path / "data"),
+           "RESULTS": str(tmp_path / "out"), "PYTHON": sys.executable}
+    import os
+
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "t2v-latency"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "latency-tiny-t2v.json").read_text())
+    assert report["settings"]["max_latent_length"] == 5 and report["settings"]["num_inference_steps"] == 4
+    assert [t["checks"]["pixels_shape"] for t in report["targets"]] == [[1, 17, 64, 96, 3]] * 2
+    assert report["targets"][1]["graph_calls"]["temporal_step"]["calls"] == 4
+    check_png(tmp_path / "out" / "latency-tiny-t2v.png")
