@@ -110,8 +110,8 @@ def log_lines(path: Path, title: str, subtitle: str, series: list[tuple[str, lis
     values = [v for _, vs in series for v in vs if v is not None and math.isfinite(v) and v > 0]
     count = max((len(vs) for _, vs in series), default=1)
     xs = x_values or list(range(count))
-    lo = math.floor(math.log10(min(values))) if values else -8
-    hi = math.ceil(math.log10(max(values))) if values else 0
+    lo = math.floor(math.log10(min(values)) - 0.3) if values else -8
+    hi = math.ceil(math.log10(max(values)) + 0.1) if values else 0
     hi = max(hi, lo + 1)
     plot_w, plot_h = width - left - right, height - top - bottom
     to_x = (lambda i: left + plot_w / 2) if count == 1 else (lambda i: left + i * plot_w / (count - 1))
@@ -121,19 +121,24 @@ def log_lines(path: Path, title: str, subtitle: str, series: list[tuple[str, lis
         draw.line([(left, y), (left + plot_w, y)], fill="#E5E5E5")
         label = f"1e{e}"
         draw.text((left - 8 - _text_width(draw, label, small), y - 7), label, fill="#333333", font=small)
-    for i, x_value in enumerate(xs[:count]):
+    for i, x_value in enumerate(xs[:count] if count > 1 else []):
         x = to_x(i)
         draw.text((x - 4, top + plot_h + 6), str(x_value), fill="#333333", font=small)
-    draw.text((left + plot_w / 2 - 40, top + plot_h + 26), x_label, fill="#333333", font=small)
+    draw.text((left + plot_w / 2 - 40, top + plot_h + 26), x_label if count > 1 else f"{x_label} {xs[0] if xs else 0}",
+              fill="#333333", font=small)
     draw.text((10, top - 20), y_label, fill="#333333", font=small)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    single = count == 1  # one x value: spread the series side by side and print each value
     for s, (name, vs) in enumerate(series):
         color = PALETTE[s % len(PALETTE)]
-        points = [(to_x(i), to_y(v)) for i, v in enumerate(vs) if v is not None and math.isfinite(v) and v > 0]
+        place_x = (lambda i: left + (s + 1) * plot_w / (len(series) + 1)) if single else to_x  # noqa: E731
+        points = [(place_x(i), to_y(v), v) for i, v in enumerate(vs) if v is not None and math.isfinite(v) and v > 0]
         if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+            draw.line([(x, y) for x, y, _ in points], fill=color, width=2)
+        for x, y, v in points:
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=color)
+            if single:
+                draw.text((x + 8, y - 8), f"{v:.1e}", fill="black", font=small)
         ly = top + 10 + s * 22
         draw.rectangle([left + plot_w + 16, ly + 2, left + plot_w + 30, ly + 16], fill=color)
         draw.text((left + plot_w + 36, ly), name, fill="black", font=font)
