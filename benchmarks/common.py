@@ -299,3 +299,13 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def write_reports(report: dict, folder: Path, name: str, markdown, chart) -> dict[str, Path]:
+    """A report as <name>.json, <name>.md (markdown(report)) and <name>.png (chart(report, path))."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(folder / f"{name}.json", report), "md": folder / f"{name}.md",
+             "png": folder / f"{name}.png"}
+    paths["md"].write_text(markdown(report))
+    chart(report, paths["png"])
+    return paths

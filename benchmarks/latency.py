@@ -512,12 +512,7 @@ def chart(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_reports(report: dict[str, Any], folder: Path, name: str) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": common.write_json(folder / f"{name}.json", report), "md": folder / f"{name}.md",
-             "png": folder / f"{name}.png"}
-    paths["md"].write_text(markdown(report))
-    chart(report, paths["png"])
-    return paths
+    return common.write_reports(report, folder, name, markdown, chart)
 
 
 def main(argv: list[str] | None = None) -> int:
