@@ -282,6 +282,10 @@ class NOVARunner:
         g, backend, run = self.geometry, self.backend, self.backend.run
         n_max, shape = g.max_tokens_per_step, (batch, g.channels, *g.latent_size)
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
+        # Constant across mask steps: upload once per frame, not once per diffusion step.
+        constants = {"clip_range": backend.upload(clip), "guidance_scale": backend.upload(guidance)}
+        per_step = [{"timestep": backend.upload(timesteps[j]), "coefficients": backend.upload(coefficients[j])}
+                    for j in range(len(timesteps))]
         unknown = np.ones((g.batch, g.num_tokens, 1), np.float32)
         position = 0
         for count in schedule:
@@ -297,9 +301,8 @@ class NOVARunner:
                 noise = _gather_rows(draws.normal(shape, draw_dtype), selected, g) if sampler.draws_noise(j) else \
                     np.zeros_like(rows)
                 with timer.stage("denoise"):
-                    x = run("denoise", {"x": x, "z_selected": z, "timestep": backend.upload(timesteps[j]),
-                                        "coefficients": backend.upload(coefficients[j]), "clip_range": backend.upload(clip),
-                                        "noise": backend.upload(noise), "guidance_scale": backend.upload(guidance)})["x_next"]
+                    x = run("denoise", {"x": x, "z_selected": z, "noise": backend.upload(noise),
+                                        **per_step[j], **constants})["x_next"]
             with timer.stage("denoise"):
                 canvas = run("place", {"canvas": canvas, "x": x, "selected": backend.upload(selected),
                                        "valid": backend.upload(valid)})["canvas_out"]
