@@ -10,9 +10,9 @@ Two counts per request:
 - `useful`: the work of the official algorithm (the spatial encoder half on the Nv + k known tokens
   only, the diffusion MLP on exactly the tokens of each step). The same numerator for every backend,
   so achieved FLOP/s compare like time does.
-- `executed`: what the runner's static-shape graphs compute (spatial encoder half at full length
-  Nv + N under a key mask, the diffusion MLP on n_max rows every step). executed / useful is the
-  price of static shapes.
+- `executed`: what the runner's graphs compute (spatial encoder half on the known tokens rounded up
+  to a bucket of N / 8, the diffusion MLP on n_max rows every step). executed / useful is the price
+  of bounded shapes.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     empty negative prompt, which ours skip because its features are never read). max_tokens_per_step:
     the runner's n_max (default: the schedule's largest step).
     """
+    from runtime.graphs.profile import known_slots
     from runtime.graphs.specs import VIDEO_VAE_WINDOW
     from runtime.schedules import mask_schedule
 
@@ -128,7 +129,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     temporal = sum(temporal_frame(config, t, rows) for t in range(frames))
     known = [sum(schedule[:i]) for i in range(len(schedule))]
     spatial_useful = frames * sum(spatial_step(config, k, rows) for k in known)
-    spatial_executed = frames * len(schedule) * spatial_step(config, n["N"], rows)
+    spatial_executed = frames * sum(spatial_step(config, known_slots(n["N"], k), rows) for k in known)
     denoise_useful = frames * diffusion_steps * sum(diffusion_call(config, count, rows) for count in schedule)
     denoise_executed = frames * diffusion_steps * len(schedule) * diffusion_call(config, n_max, rows)
     h, w = config.latent_size
@@ -143,7 +144,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     vae_calls = batch * (windows if vae_config.get("_class_name") == "AutoencoderKLOpenSora" else frames)
     per_call = {"text_encoder": text, "temporal_prefill": temporal_frame(config, 0, rows),
                 "temporal_step": (temporal - temporal_frame(config, 0, rows)) / (frames - 1) if frames > 1 else 0.0,
-                "spatial": spatial_step(config, n["N"], rows), "denoise": diffusion_call(config, n_max, rows),
+                "spatial": spatial_executed / (frames * len(schedule)), "denoise": diffusion_call(config, n_max, rows),
                 "place": 0.0, "vae_decoder": vae / vae_calls}
     return {"useful": useful, "executed": executed, "executed_per_graph_call": per_call}
 

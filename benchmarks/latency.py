@@ -441,8 +441,8 @@ def markdown(report: dict[str, Any]) -> str:
     fl = report["flops"]
     lines += ["", "## Achieved throughput per stage", "",
               "FLOPs per request (NOVA_SPEC §6 formulas, benchmarks/flops.py): useful = the official algorithm; "
-              "executed = the runner's static-shape graphs (spatial encoder half at full length, diffusion MLP on "
-              "n_max rows).", "",
+              "executed = the runner's graphs (spatial encoder half on the known tokens rounded up to a bucket of N/8, "
+              "diffusion MLP on n_max rows).", "",
               "| | " + " | ".join(STAGES) + " | total |", "|---|" + "---:|" * (len(STAGES) + 1),
               "| useful FLOPs | " + " | ".join(_flops(fl["useful"][s]) for s in STAGES)
               + f" | {_flops(sum(fl['useful'].values()))} |",

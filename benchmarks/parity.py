@@ -117,11 +117,11 @@ def parity_draws(generator):
     """
     import torch
 
-    from runtime.draws import RecordedDraws
+    from runtime.draws import RecordedDraws, torch_dtype
 
     class ParityDraws(RecordedDraws):
         def uniform(self, shape, dtype):
-            values = torch.rand(shape, generator=self.generator, device=self._device(), dtype=dtype)
+            values = torch.rand(shape, generator=self.generator, device=self._device(), dtype=torch_dtype(dtype))
             order = values.argsort(dim=1)
             positions = torch.arange(shape[1], dtype=torch.float32).view(1, -1, *([1] * (len(shape) - 2)))
             ranks = torch.empty(shape, dtype=torch.float32).scatter_(1, order.cpu(), positions.expand(shape).clone())
@@ -153,7 +153,7 @@ def expected_calls(runner, options: dict[str, Any]) -> dict[str, int]:
 
     g = runner.geometry
     frames, steps = options["max_latent_length"], len(mask_schedule(g.num_tokens, options["num_inference_steps"]))
-    if runner.checkpoint.video_vae:
+    if runner.configs.video_vae:
         window = min(VIDEO_VAE_WINDOW, frames)
         vae = 1 + max(0, (frames - window) // (window - 1))
     else:
@@ -203,27 +203,27 @@ def replay_graph_calls(runner, records: list[dict[str, Any]]) -> list[dict[str, 
 
     backend, out = runner.backend, []
     for record in records:
-        spec = runner.specs[record["graph"]]
+        declaration = runner.graphs[record["graph"]]
         feeds = {}
-        for tensor in spec.inputs:
-            if tensor.name not in record["inputs"]:
+        for tensor in declaration["inputs"]:
+            name, dtype = tensor["name"], tensor["dtype"]
+            if name not in record["inputs"]:
                 continue
-            value = record["inputs"][tensor.name]
+            value = record["inputs"][name]
             if backend.name == "torch":
-                uploaded = backend.upload(np.ascontiguousarray(value))
-                feeds[tensor.name] = uploaded.to(DTYPE_NAMES[tensor.dtype])
+                feeds[name] = backend.upload(np.ascontiguousarray(value)).to(DTYPE_NAMES[dtype])
             else:
-                feeds[tensor.name] = backend.upload(np.ascontiguousarray(value.astype(_numpy_dtype(tensor.dtype))))
+                feeds[name] = backend.upload(np.ascontiguousarray(value.astype(_numpy_dtype(dtype))))
         with torch.no_grad():
             result = backend.run(record["graph"], feeds)
-        for tensor in spec.outputs:
-            actual = _np(backend.download(result[tensor.name]))
-            expected = record["outputs"][tensor.name]
+        for tensor in declaration["outputs"]:
+            name, dtype = tensor["name"], tensor["dtype"]
+            actual = _np(backend.download(result[name]))
+            expected = record["outputs"][name]
             error = compare(actual, expected)
-            if tensor.dtype == "uint8":
+            if dtype == "uint8":
                 error.update(psnr(actual, expected))
-            out.append({"graph": record["graph"], "call": record["call"], "output": tensor.name,
-                        "dtype": tensor.dtype, **error})
+            out.append({"graph": record["graph"], "call": record["call"], "output": name, "dtype": dtype, **error})
     return out
 
 
@@ -244,7 +244,7 @@ def fp64_graph_errors(runner, records: list[dict[str, Any]]) -> list[dict[str, A
         for sub in module.modules():
             if isinstance(sub, GraphModule):
                 sub.compute_dtype = torch.float64
-        spec = runner.specs[graph]
+        spec = backend.specs[graph]
         for record in (r for r in records if r["graph"] == graph):
             inputs = {}
             for name, value in record["inputs"].items():

@@ -26,6 +26,7 @@ from export import manifest as mf
 from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_graph
 from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_cases, ort_session, reference_cases,
                              temporal_sequence)
+from runtime.configs import CheckpointError, config_files
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
 from runtime.graphs.specs import Checkpoint, GraphSpec, build_specs
 
@@ -234,8 +235,39 @@ class Builder:
                 row = self.rows[-1]
                 self.report(f"[{index + 1}/{len(names)}] {name}: {row.status} in {row.seconds:.1f} s ({row.why})")
             self._release_after(names[index + 1:])
+        self._copy_configs()
         self.weights.save()
         return self.rows
+
+    def _copy_configs(self) -> None:
+        """Copy the checkpoint's configs, scheduler and tokenizer into configs/ (the runner reads them
+        there, so a deployment needs no checkpoint); replaced as a whole, recorded like an artifact."""
+        o, start = self.options, time.perf_counter()
+        source = self.checkpoint.folder
+        try:
+            files = config_files(source)
+        except CheckpointError as error:
+            raise BuildError(str(error)) from None
+        wanted = [{"file": f"{mf.CONFIGS_DIR}/{f}", "bytes": (source / f).stat().st_size,
+                   "sha256": mf.sha256_file(source / f)} for f in files]
+        old = self.manifest.get("configs")
+        problem = mf.check_artifacts(old, o.out) if old else "not built yet"
+        why = problem or ("the checkpoint's configs or tokenizer changed" if old != wanted else "")
+        if why:
+            staging, target = o.out / f".staging-{mf.CONFIGS_DIR}", o.out / mf.CONFIGS_DIR
+            shutil.rmtree(staging, ignore_errors=True)
+            for f in files:
+                (staging / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / f, staging / f)
+            self.manifest["configs"] = None  # forget the old copy before replacing it
+            mf.save_manifest(o.out, self._manifest_body())
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            self.manifest["configs"] = wanted
+            mf.save_manifest(o.out, self._manifest_body())
+        self.rows.append(Row(mf.CONFIGS_DIR, f"{mf.CONFIGS_DIR}/", sum(r["bytes"] for r in wanted),
+                             time.perf_counter() - start, "rebuilt" if why else "reused",
+                             why or "content key unchanged, artifacts verified", "-", "-"))
 
     def _component(self, spec: GraphSpec, bar) -> None:
         o, components = self.options, self.manifest["components"]
@@ -448,6 +480,7 @@ class Builder:
             "tools": {**self.versions, "tensorrt": self.trt_version, "gpu_compute_capability": self.gpu},
             "graph_order": list(self.specs),
             "components": self.manifest["components"],
+            "configs": self.manifest.get("configs"),
         }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST_NAME = "manifest.json"
+CONFIGS_DIR = "configs"  # the checkpoint's configs, scheduler and tokenizer, copied: the runner reads them there
 FORMAT = 1
 WEIGHT_CACHE_NAME = ".weight-digests.json"  # speed only: per-tensor digests keyed by file size + mtime
 
@@ -210,6 +211,12 @@ def verify_folder(folder: str | os.PathLike, backend: str | None = None) -> dict
     manifest = load_manifest(folder)
     if manifest is None:
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: build it with `python export/build_engines.py --out {folder}`")
+    if not manifest.get("configs"):
+        raise ManifestError(f"{folder} has no {CONFIGS_DIR}/ (the checkpoint's configs and tokenizer): it was built by an "
+                            f"older version or the build did not finish; rebuild with export/build_engines.py")
+    problem = check_artifacts(manifest["configs"], folder)
+    if problem:
+        raise ManifestError(f"{folder}: {problem}; rebuild with export/build_engines.py")
     for name, entry in manifest["components"].items():
         records = list(entry.get("artifacts", []))
         if backend == "tensorrt":

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from runtime.graphs.modules import fp32_islands
-from runtime.graphs.specs import GraphSpec, frame_position, run_module
+from runtime.graphs.profile import frame_position
+from runtime.graphs.specs import GraphSpec, run_module
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,7 @@ def _generate(args) -> str:
     loaded = time.perf_counter()
     options = _options(args)
     _check_suffix(args.out, options["max_latent_length"] > 1)
-    output = runner(args.prompt, seed=args.seed, return_timings=True, **options)
+    output = runner(args.prompt, seed=args.seed, return_timings=True, progress=True, **options)
     pixels = output.images if output.images is not None else output.frames
     written = save_output(pixels, args.out, args.fps)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in output.timings.items())
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_options(ref)
     args = parser.parse_args(argv)
 
-    from runtime.checkpoint import CheckpointError
+    from runtime.configs import CheckpointError
 
     try:
         message = _generate(args) if args.command == "generate" else _reference(args)

@@ -31,13 +31,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from runtime.configs import CheckpointError, model_index, read_json, transformer_config
 from runtime.model.config import NOVAConfig
 from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
 from runtime.model.transformer import NOVATransformer3DModel
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, malformed or does not match its configs."""
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -47,15 +44,6 @@ TEXT_ENCODER_SHARDS = 2  # the published Phi-2 weights come in two shards
 # ---------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of one component: a sharded index, or the single file."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -125,31 +113,6 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device: to
              for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module
-
-
-def model_index(folder: str | os.PathLike) -> dict[str, Any]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint folder {root} does not exist")
-    index = read_json(root / "model_index.json")
-    components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-    missing = [c for c in components if c not in index]
-    if missing:
-        raise CheckpointError(f"{root / 'model_index.json'} has no {', '.join(map(repr, missing))} entry")
-    missing = [c for c in components if not (root / c).is_dir()]
-    if missing:
-        raise CheckpointError(f"checkpoint folder {root} has no {', '.join(c + '/' for c in missing)} subfolder")
-    return index
-
-
-def transformer_config(folder: str | os.PathLike) -> NOVAConfig:
-    path = Path(folder) / "transformer" / "config.json"
-    try:
-        return NOVAConfig.from_dict(read_json(path))
-    except (TypeError, ValueError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {error}") from None
 
 
 def load_transformer(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -5,39 +5,70 @@ frame and mask step the token order (once, first step of the first generated fra
 noise, and for DDPM one noise tensor per stochastic diffusion step. `RandomDraws` produces them
 from a torch.Generator exactly as the official code does; `RecordedDraws` keeps a copy so another
 runtime can be fed the identical tensors through `ReplayDraws`.
+
+Without torch (a TensorRT-only deployment) the runner uses `NumpyDraws`: numpy's PCG64 seeded with
+the seed. Same distributions, other numbers: a seed then does not reproduce the reference's image.
+
+`dtype` is a torch dtype or a precision name ("fp32", "fp16", "bf16"): 16-bit draws differ from
+rounded fp32 draws in torch, so the runner draws in its denoise graph's precision as the official
+code draws in the model's dtype.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
+import numpy as np
+
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(dtype: Any):
+    """A torch dtype for a torch dtype or a precision name."""
+    import torch
+
+    return getattr(torch, PRECISION_DTYPES[dtype]) if isinstance(dtype, str) else dtype
 
 
 class RandomDraws:
-    def __init__(self, generator: torch.Generator | None = None):
+    """torch.Generator draws (CPU, or the generator's device), as the official code makes them."""
+
+    def __init__(self, generator=None):
         self.generator = generator
 
-    def _device(self) -> torch.device:
+    def _device(self):
+        import torch
+
         return self.generator.device if self.generator is not None else torch.device("cpu")
 
-    def uniform(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=self._device(), dtype=dtype)
+    def uniform(self, shape: tuple[int, ...], dtype: Any):
+        import torch
 
-    def normal(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self._device(), dtype=dtype)
+        return torch.rand(shape, generator=self.generator, device=self._device(), dtype=torch_dtype(dtype))
+
+    def normal(self, shape: tuple[int, ...], dtype: Any):
+        import torch
+
+        return torch.randn(shape, generator=self.generator, device=self._device(), dtype=torch_dtype(dtype))
+
+    def token_order(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """The token order: argsort of a uniform draw [B, N, 1] along the tokens, with torch's argsort
+        (16-bit draws have ties; the same sort breaks them as the reference does). -> [B, N, 1] int64."""
+        return self.uniform(shape, dtype).argsort(dim=1).cpu().numpy()
 
 
 class RecordedDraws(RandomDraws):
     """Draws from a generator and keeps every tensor, in order, in `self.tensors`."""
 
-    def __init__(self, generator: torch.Generator | None = None):
+    def __init__(self, generator=None):
         super().__init__(generator)
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list = []
 
-    def uniform(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def uniform(self, shape: tuple[int, ...], dtype: Any):
         self.tensors.append(super().uniform(shape, dtype))
         return self.tensors[-1]
 
-    def normal(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def normal(self, shape: tuple[int, ...], dtype: Any):
         self.tensors.append(super().normal(shape, dtype))
         return self.tensors[-1]
 
@@ -45,18 +76,39 @@ class RecordedDraws(RandomDraws):
 class ReplayDraws(RandomDraws):
     """Hands out given tensors in order; a request of another shape means the consumers disagree."""
 
-    def __init__(self, tensors: list[torch.Tensor]):
+    def __init__(self, tensors: list):
         super().__init__(None)
         self.tensors, self.position = list(tensors), 0
 
-    def _next(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _next(self, shape: tuple[int, ...], dtype: Any):
         if self.position >= len(self.tensors):
             raise ValueError(f"replay exhausted: draw {self.position} of shape {tuple(shape)} was never recorded")
         value = self.tensors[self.position]
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"replay draw {self.position} has shape {tuple(value.shape)}, {tuple(shape)} requested")
         self.position += 1
-        return value.to(dtype)
+        return value.to(torch_dtype(dtype))
 
     uniform = _next
     normal = _next
+
+
+class NumpyDraws:
+    """The fallback without torch: numpy PCG64 draws (float32, rounded to fp16 for fp16; numpy has no
+    bf16, so bf16 draws stay float32). Not the reference's numbers for the same seed."""
+
+    def __init__(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _cast(values: np.ndarray, dtype: Any) -> np.ndarray:
+        return values.astype(np.float16) if str(dtype) in ("fp16", "torch.float16") else values
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return self._cast(self.rng.random(shape, dtype=np.float32), dtype)
+
+    def normal(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return self._cast(self.rng.standard_normal(shape, dtype=np.float32), dtype)
+
+    def token_order(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.argsort(self.uniform(shape, dtype), axis=1, kind="stable")

@@ -134,7 +134,8 @@ class ReferencePipeline:
             kv_cache = KVCache(config.video_depth, condition.shape[0], config.num_heads, capacity,
                                config.width // config.num_heads, dtype, device)
         schedule = mask_schedule(config.num_image_tokens, request.num_inference_steps)
-        sampler = SamplerTable.from_scheduler(self.scheduler, request.num_diffusion_steps)
+        scheduler_config = {**self.scheduler.config, "_class_name": type(self.scheduler).__name__}
+        sampler = SamplerTable.from_config(scheduler_config, request.num_diffusion_steps)
 
         canvas = torch.zeros(batch, config.image_dim, *config.latent_size, dtype=dtype, device=device)
         outputs, order, anchor = [], None, None
@@ -184,7 +185,7 @@ class ReferencePipeline:
         p, (h, w) = config.patch_size, config.latent_size
         index = selected.expand(-1, -1, config.token_dim)
         z_sel = z.gather(1, dup(selected).expand(-1, -1, z.shape[-1]))
-        for j, timestep in enumerate(sampler.timesteps):
+        for j, timestep in enumerate(torch.from_numpy(sampler.timesteps)):
             tokens = patchify(x, p)
             out = model.denoise_head(dup(tokens.gather(1, index)), timestep.expand(z_sel.shape[0]).to(x.device), z_sel)
             if guided:

@@ -1,8 +1,10 @@
 """`NOVARunner`: the frame / set / denoise loops over compiled graphs.
 
-Per request, everything that does not depend on model outputs is prepared on the host first (token
-ids, the mask schedule, the random token order, the padded index tables, the sampler table, noise);
-each step then only feeds arrays to a graph and hands its outputs to the next one:
+Per request, everything that does not depend on model outputs is prepared first and uploaded once:
+token ids, the mask schedule, the random token order and every mask step's index inputs, the sampler
+table. Noise is drawn per mask step for the whole canvas (the reference's draws; drawing a request's
+noise up front would hold S x the canvas per step) and only the step's rows are uploaded. Each step
+then feeds device arrays to a graph and hands its outputs to the next one:
 
     text_encoder -> temporal_prefill / temporal_step (KV cache in, KV cache out)    per latent frame
                  -> spatial -> denoise x S -> place                                per mask step
@@ -10,7 +12,9 @@ each step then only feeds arrays to a graph and hands its outputs to the next on
 
 The loops are identical for every backend (torch, onnxruntime, tensorrt), so they are tested on CPU.
 With the same seed the random draws equal the reference pipeline's (torch.Generator; the draws
-follow the official order), so runner and reference agree to rounding.
+follow the official order), so runner and reference agree to rounding. Over an engine folder with
+the tensorrt or onnxruntime backend the runner imports neither torch nor the other backend's
+library; without torch installed, seeds draw from numpy instead (`runtime.draws.NumpyDraws`).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from runtime.draws import RandomDraws
-from runtime.graphs.profile import BuildProfile, Geometry
-from runtime.graphs.specs import NO_CLIP, VIDEO_VAE_WINDOW, Checkpoint, GraphSpec, build_specs, frame_position
+from runtime.backends.base import Backend
+from runtime.configs import CheckpointConfigs, CheckpointError
+from runtime.draws import NumpyDraws, RandomDraws
+from runtime.graphs.profile import NO_CLIP, VIDEO_VAE_WINDOW, BuildProfile, Geometry, frame_position
 from runtime.request import Request, validate_request
+from runtime.schedules import SamplerTable, mask_schedule
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
 _OPTION_DEFAULTS = dict(negative_prompt=None, num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0,
@@ -42,6 +48,15 @@ class RunnerOutput:
     images: np.ndarray | None = None  # [B, H, W, 3] uint8 (image VAE)
     frames: np.ndarray | None = None  # [B, T', H, W, 3] uint8 (video VAE)
     timings: dict[str, float] | None = None  # seconds per stage, on request
+
+
+@dataclasses.dataclass
+class _MaskStep:
+    """One mask step's index inputs: `selected` on the host (noise rows), the graphs' feeds on the device."""
+
+    selected: np.ndarray  # [B_built, n_max] token ids
+    spatial: dict  # known_ids, known_count, selected
+    place: dict  # selected, valid
 
 
 def _patchify(x: np.ndarray, patch: int) -> np.ndarray:
@@ -71,15 +86,18 @@ class NOVARunner:
     Calls are serialized with a lock, so one runner may be shared by threads; runners share nothing.
     """
 
-    def __init__(self, backend, checkpoint: Checkpoint, specs: dict[str, GraphSpec], profile: BuildProfile):
-        self.backend, self.checkpoint, self.specs, self.profile = backend, checkpoint, specs, profile
-        self.config = checkpoint.config
-        self.geometry = Geometry.from_config(self.config, profile)
-        from runtime.model.text_encoder import load_tokenizer
+    def __init__(self, backend: Backend, configs: CheckpointConfigs, profile: BuildProfile, graphs: dict[str, dict]):
+        """backend: runs the graphs; configs: the checkpoint's configs, scheduler and tokenizer (a checkpoint
+        folder or an engine folder's copy); graphs: each graph's declaration (`GraphSpec.describe()`: I/O
+        names, dtypes, shapes, precision), as the manifest records it."""
+        from runtime.tokenizer import PromptTokenizer
 
-        self.tokenizer = load_tokenizer(checkpoint.folder / "tokenizer")
+        self.backend, self.configs, self.profile, self.graphs = backend, configs, profile, dict(graphs)
+        self.config = configs.transformer
+        self.geometry = Geometry.from_config(self.config, profile)
+        self.tokenizer = PromptTokenizer.from_folder(configs.tokenizer)
         self._lock = threading.Lock()
-        missing = [name for name in specs if name not in backend.graphs]
+        missing = [name for name in self.graphs if name not in backend.graphs]
         if missing:
             raise ValueError(f"the {backend.name} backend lacks graphs: {', '.join(missing)}")
 
@@ -89,21 +107,25 @@ class NOVARunner:
                         device: str = "cpu") -> "NOVARunner":
         """The torch backend straight from a checkpoint folder (no export): the graphs' own modules."""
         from runtime.backends.torch_backend import TorchBackend
+        from runtime.graphs.specs import Checkpoint, build_specs
 
-        checkpoint, profile = Checkpoint(folder), profile or BuildProfile()
-        specs = build_specs(checkpoint, profile, precision)
-        return cls(TorchBackend(specs, device), checkpoint, specs, profile)
+        profile = profile or BuildProfile()
+        specs = build_specs(Checkpoint(folder), profile, precision)
+        return cls(TorchBackend(specs, device), CheckpointConfigs.read(folder), profile,
+                   {name: spec.describe() for name, spec in specs.items()})
 
     @classmethod
     def from_engines(cls, folder: str | Path, backend: str = "auto", device: str = "cpu") -> "NOVARunner":
         """Load an engine folder built by `export/build_engines.py`.
 
         backend: "auto" (TensorRT if the folder has engines and TensorRT is importable, else ONNX Runtime),
-        "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules, weights from the checkpoint).
-        Every artifact is checked against the manifest (size and sha256) before use; a missing, partial,
-        edited or mismatched folder is refused with a message that says what to rebuild.
+        "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules, weights from the checkpoint the
+        folder was built from). Every artifact is checked against the manifest (size and sha256) before
+        use; a missing, partial, edited or mismatched folder is refused with a message that says what to
+        rebuild. The folder is self-contained for tensorrt and onnxruntime: configs and tokenizer are
+        read from its configs/ copy, and neither torch nor the checkpoint is needed.
         """
-        from export.manifest import ManifestError, verify_folder
+        from export.manifest import CONFIGS_DIR, ManifestError, verify_folder
         from runtime.backends import BACKENDS, BackendUnavailable
 
         folder = Path(folder)
@@ -113,62 +135,56 @@ class NOVARunner:
             backend = "tensorrt" if _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
         try:
             manifest = verify_folder(folder, "tensorrt" if backend == "tensorrt" else None)
-        except ManifestError as error:
+            configs = CheckpointConfigs.read(folder / CONFIGS_DIR)
+        except (ManifestError, CheckpointError) as error:
             raise ValueError(str(error)) from None
-        source = Path(manifest["checkpoint"]["path"])
-        if not (source / "model_index.json").is_file():
-            raise ValueError(f"{folder} was built from the checkpoint {source}, which is not there; the runner reads its "
-                             f"configs, scheduler and tokenizer")
-        checkpoint = Checkpoint(source)
         profile = BuildProfile(**manifest["profile"])
-        specs = build_specs(checkpoint, profile, manifest["precision"], manifest.get("overrides") or None,
-                            manifest["backend"])
-        if Geometry.from_config(checkpoint.config, profile).to_dict() != manifest["geometry"]:
-            raise ValueError(f"{folder} no longer matches its checkpoint {source} (the configs changed since the build); "
-                             f"rebuild with export/build_engines.py")
-        missing = [name for name in specs if name not in manifest["components"]]
+        if Geometry.from_config(configs.transformer, profile).to_dict() != manifest["geometry"]:
+            raise ValueError(f"{folder} was built by another version of this runtime (its graph geometry differs from "
+                             f"what this version derives); rebuild with export/build_engines.py")
+        names = manifest["graph_order"]
+        missing = [name for name in names if name not in manifest["components"]]
         if missing:
             raise ValueError(f"{folder} is a partial build: no {', '.join(missing)}; rebuild with export/build_engines.py")
         try:
             if backend == "torch":
-                from runtime.backends.torch_backend import TorchBackend
-
-                engine = TorchBackend(specs, device)
+                engine = _torch_backend(manifest, profile, device)
             elif backend == "onnxruntime":
                 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-                engine = OnnxRuntimeBackend({name: folder / _onnx_file(manifest["components"][name]) for name in specs},
+                engine = OnnxRuntimeBackend({name: folder / _onnx_file(manifest["components"][name]) for name in names},
                                             device)
             else:
                 from runtime.backends.tensorrt_backend import TensorRTBackend
 
-                engine = TensorRTBackend({name: folder / _engine_file(manifest["components"][name]) for name in specs},
+                engine = TensorRTBackend({name: folder / _engine_file(manifest["components"][name]) for name in names},
                                          device)
         except BackendUnavailable as error:
             raise ValueError(str(error)) from None
-        return cls(engine, checkpoint, specs, profile)
+        return cls(engine, configs, profile, {name: manifest["components"][name]["declaration"] for name in names})
 
     # -- public API -----------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str] | None = None, *, negative_prompt=None,
                  num_inference_steps: int = 64, num_diffusion_steps: int = 25, guidance_scale: float = 5.0,
                  max_latent_length: int = 1, motion_flow: float = 5, image: np.ndarray | None = None,
                  num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
-                 draws: RandomDraws | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                 return_timings: bool = False) -> RunnerOutput:
-        """Generate; the options and defaults are the official pipeline's (see README)."""
+                 draws: RandomDraws | NumpyDraws | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                 return_timings: bool = False, progress: bool = False) -> RunnerOutput:
+        """Generate; the options and defaults are the official pipeline's (see README). return_timings: seconds
+        per stage in the output; progress: a progress bar over the mask steps (on stderr)."""
         options = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                        num_diffusion_steps=num_diffusion_steps, guidance_scale=guidance_scale,
                        max_latent_length=max_latent_length, motion_flow=motion_flow, image=image,
                        num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
                        negative_prompt_embeds=negative_prompt_embeds)
         result: dict = {}
-        chunks = list(self._generate(options, seed, generator, draws, return_timings, result))
+        chunks = list(self._generate(options, seed, generator, draws, return_timings, result, progress))
         decoded = np.concatenate(chunks, axis=1 if chunks[0].ndim == 5 else 0)
         kind = "frames" if decoded.ndim == 5 else "images"
         return RunnerOutput(latents=result["latents"], timings=result.get("timings"), **{kind: decoded})
 
     def stream(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
-               draws: RandomDraws | None = None, **options) -> Iterator[np.ndarray]:
+               draws: RandomDraws | NumpyDraws | None = None, **options) -> Iterator[np.ndarray]:
         """Yield decoded pixels as soon as they exist: the images, or each window of video frames
         ([B, T_window, H, W, 3]: 17 frames for the first window of 5 latents, 16 for each later one).
         Takes the options of `__call__`."""
@@ -186,8 +202,6 @@ class NOVARunner:
 
     def check(self, request: Request) -> None:
         """Refuse requests the graphs cannot serve, naming what they were built for."""
-        from runtime.schedules import mask_schedule
-
         g, built = self.geometry, f"these engines were built for {self.describe_build()}"
         if request.batch > g.batch:
             raise ValueError(f"{request.num_prompts} prompt(s) x {request.num_images_per_prompt} image(s) = "
@@ -197,7 +211,7 @@ class NOVARunner:
                              f"classifier-free guidance; {built} (rebuild with{'' if request.guided else ' --no-cfg'})")
         if request.max_latent_length > g.max_latent_length:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
-        if request.image is not None and "vae_encoder" not in self.specs:
+        if request.image is not None and "vae_encoder" not in self.graphs:
             raise ValueError(f"image-to-video needs the VAE encoder graph, which was not built; {built}")
         peak = max(mask_schedule(g.num_tokens, request.num_inference_steps))
         if peak > g.max_tokens_per_step:
@@ -209,37 +223,34 @@ class NOVARunner:
                 raise ValueError(f"{rows} prompts to encode in one call; {built}")
 
     # -- the loops ------------------------------------------------------------------------------------
-    def _generate(self, options: dict, seed, generator, draws, return_timings: bool,
-                  result: dict) -> Iterator[np.ndarray]:
+    def _generate(self, options: dict, seed, generator, draws, return_timings: bool, result: dict,
+                  progress: bool = False) -> Iterator[np.ndarray]:
         request = validate_request(self.config, **options)
         self.check(request)
-        draws = draws or RandomDraws(_generator(seed, generator))
+        draws = draws or _draws(seed, generator)
         with self._lock:
             timer = _Timer(self.backend, return_timings)
             latents = []
-            yield from self._run(request, draws, timer, latents)
+            yield from self._run(request, draws, timer, latents, progress)
             result["latents"] = np.stack(latents, axis=2)[: request.batch]
             if return_timings:
                 result["timings"] = dict(timer.seconds)
 
-    def _run(self, request: Request, draws: RandomDraws, timer: _Timer, latents: list) -> Iterator[np.ndarray]:
-        from runtime.schedules import SamplerTable, mask_schedule
+    def _run(self, request: Request, draws, timer: _Timer, latents: list, progress: bool) -> Iterator[np.ndarray]:
+        from tqdm.auto import tqdm
 
         g, backend, run = self.geometry, self.backend, self.backend.run
         batch, frames = request.batch, request.max_latent_length
-        draw_dtype = _torch_dtype(self.specs["denoise"].precision)
+        draw_dtype = self.graphs["denoise"]["precision"]
         schedule = mask_schedule(g.num_tokens, request.num_inference_steps)
-        sampler = SamplerTable.from_scheduler(self.checkpoint.scheduler, request.num_diffusion_steps)
-        coefficients = sampler.coefficients.numpy().astype(np.float32)
-        timesteps = sampler.timesteps.numpy().astype(np.float32).reshape(-1, 1)
-        clip = np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32)
-        guidance = np.array([request.guidance_scale], np.float32)
+        sampler = SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps)
+        denoise_steps = self._denoise_inputs(sampler, request.guidance_scale)
 
         with timer.stage("text"):
             prefill = self._text_inputs(request)
         first_latent = None
         if request.image is not None:  # the posterior sample is the first draw
-            noise = _numpy(draws.normal((1, g.channels, *g.latent_size), _torch_dtype("fp32")))
+            noise = _numpy(draws.normal((1, g.channels, *g.latent_size), "fp32"))
             with timer.stage("vae"):
                 encoded = run("vae_encoder", {"image": backend.upload(request.image[None]),
                                               "noise": backend.upload(noise.astype(np.float32))})["latent"]
@@ -251,8 +262,10 @@ class NOVARunner:
         indicator = anchor = out["indicator"]
         cache = (out.get("k_cache"), out.get("v_cache"))
 
-        order = None
+        mask_steps = None  # drawn with the first generated frame, as the reference draws the token order
         decoded_until = 0
+        generated = frames - (first_latent is not None)
+        bar = tqdm(total=generated * len(schedule), unit="step", desc="mask steps", disable=not progress, leave=False)
         for t in range(frames):
             if t > 0:
                 inputs = {"prev_latent": backend.upload(latents[-1]),
@@ -268,53 +281,67 @@ class NOVARunner:
             if t == 0 and first_latent is not None:
                 latents.append(first_latent)
             else:
-                if order is None:
-                    u = draws.uniform((batch, g.num_tokens, 1), draw_dtype)
-                    order = _pad_rows(_numpy(u.argsort(dim=1))[..., 0], g.batch)
-                latents.append(self._frame(indicator, order, schedule, sampler, coefficients, timesteps, clip,
-                                           guidance, draws, draw_dtype, batch, timer))
+                if mask_steps is None:
+                    order = draws.token_order((batch, g.num_tokens, 1), draw_dtype)[..., 0]
+                    mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), schedule)
+                latents.append(self._frame(indicator, mask_steps, denoise_steps, sampler, draws, draw_dtype, batch,
+                                           timer, bar))
             yield from self._decode_ready(latents, frames, decoded_until, request.batch, timer)
             decoded_until = self._decoded_count(len(latents), frames)
+        bar.close()
 
-    def _frame(self, indicator, order, schedule, sampler, coefficients, timesteps, clip, guidance, draws,
-               draw_dtype, batch, timer) -> np.ndarray:
-        """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
-        g, backend, run = self.geometry, self.backend, self.backend.run
-        n_max, shape = g.max_tokens_per_step, (batch, g.channels, *g.latent_size)
-        canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
-        # Constant across mask steps: upload once per frame, not once per diffusion step.
-        constants = {"clip_range": backend.upload(clip), "guidance_scale": backend.upload(guidance)}
-        per_step = [{"timestep": backend.upload(timesteps[j]), "coefficients": backend.upload(coefficients[j])}
-                    for j in range(len(timesteps))]
-        unknown = np.ones((g.batch, g.num_tokens, 1), np.float32)
-        position = 0
+    def _mask_step_inputs(self, order: np.ndarray, schedule: list[int]) -> list[_MaskStep]:
+        """The index inputs of every mask step, uploaded once per request (the token order is fixed)."""
+        g, upload = self.geometry, self.backend.upload
+        steps, position = [], 0
         for count in schedule:
             # Distinct ids per row: this step's tokens, then the next ones of the order (marked invalid).
-            selected = np.take(order, (position + np.arange(n_max)) % g.num_tokens, axis=1)
-            valid = np.broadcast_to(np.arange(n_max) < count, selected.shape).copy()
-            rows = _gather_rows(draws.normal(shape, draw_dtype), selected, g)
-            with timer.stage("spatial"):
-                z = run("spatial", {"canvas": canvas, "unknown_mask": backend.upload(unknown),
-                                    "indicator": indicator, "selected": backend.upload(selected)})["z_selected"]
-            x = backend.upload(rows)
-            for j in range(len(timesteps)):
-                noise = _gather_rows(draws.normal(shape, draw_dtype), selected, g) if sampler.draws_noise(j) else \
-                    np.zeros_like(rows)
-                with timer.stage("denoise"):
-                    x = run("denoise", {"x": x, "z_selected": z, "noise": backend.upload(noise),
-                                        **per_step[j], **constants})["x_next"]
-            with timer.stage("denoise"):
-                canvas = run("place", {"canvas": canvas, "x": x, "selected": backend.upload(selected),
-                                       "valid": backend.upload(valid)})["canvas_out"]
-            np.put_along_axis(unknown[..., 0], selected[:, :count], 0.0, axis=1)
+            selected = np.take(order, (position + np.arange(g.max_tokens_per_step)) % g.num_tokens, axis=1)
+            valid = np.broadcast_to(np.arange(g.max_tokens_per_step) < count, selected.shape)
+            on_device = upload(selected)
+            steps.append(_MaskStep(selected, spatial={
+                "known_ids": upload(np.ascontiguousarray(order[:, :g.known_slots(position)])),
+                "known_count": upload(np.array([position], np.int64)), "selected": on_device},
+                place={"selected": on_device, "valid": upload(np.ascontiguousarray(valid))}))
             position += count
+        return steps
+
+    def _denoise_inputs(self, sampler, guidance_scale: float) -> list[dict]:
+        """The sampler inputs of every diffusion step, uploaded once per request."""
+        upload = self.backend.upload
+        clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
+        guidance = upload(np.array([guidance_scale], np.float32))
+        timesteps, coefficients = sampler.timesteps, sampler.coefficients
+        return [{"timestep": upload(timesteps[j:j + 1]), "coefficients": upload(coefficients[j]),
+                 "clip_range": clip, "guidance_scale": guidance} for j in range(len(timesteps))]
+
+    def _frame(self, indicator, mask_steps: list[_MaskStep], denoise_steps: list[dict], sampler, draws, draw_dtype,
+               batch: int, timer: _Timer, bar) -> np.ndarray:
+        """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
+        g, backend, run = self.geometry, self.backend, self.backend.run
+        shape = (batch, g.channels, *g.latent_size)
+        canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
+        for step in mask_steps:
+            # Noise is drawn for the whole canvas, as the reference draws it, and only the step's rows go up.
+            rows = _gather_rows(draws.normal(shape, draw_dtype), step.selected, g)
+            with timer.stage("spatial"):
+                z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
+            x = backend.upload(rows)
+            for j, inputs in enumerate(denoise_steps):
+                noise = _gather_rows(draws.normal(shape, draw_dtype), step.selected, g) if sampler.draws_noise(j) \
+                    else np.zeros_like(rows)
+                with timer.stage("denoise"):
+                    x = run("denoise", {"x": x, "z_selected": z, "noise": backend.upload(noise), **inputs})["x_next"]
+            with timer.stage("denoise"):
+                canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
+            bar.update(1)
         return backend.download(canvas).astype(np.float32)
 
     # -- decoding -----------------------------------------------------------------------------------------
     def _decoded_count(self, available: int, frames: int) -> int:
         """Latents whose pixels have been produced once `available` latents exist."""
         window = min(VIDEO_VAE_WINDOW, frames)
-        if not self.checkpoint.video_vae or window == 1:
+        if not self.configs.video_vae or window == 1:
             return available
         if available < window:
             return 0
@@ -328,7 +355,7 @@ class NOVARunner:
         if ready == done:
             return
         backend, run = self.backend, self.backend.run
-        if not self.checkpoint.video_vae:
+        if not self.configs.video_vae:
             with timer.stage("vae"):
                 images = [backend.download(run("vae_decoder", {"latents": backend.upload(latents[-1][i:i + 1])})["pixels"])
                           for i in range(batch)]
@@ -350,15 +377,13 @@ class NOVARunner:
     def _text_inputs(self, request: Request) -> dict[str, np.ndarray]:
         """text_hidden [M, 256, Dt], text_lengths [M] (+ motion_flow [M]): conditional rows (prompt-major,
         repeated per image, padded to the built batch), then the unconditional rows."""
-        from runtime.model.text_encoder import tokenize
-
         g = self.geometry
         hidden = np.zeros((0, g.text_len, g.text_dim), np.float32)
         if request.prompts is not None:
             texts = request.prompts + (request.negative_prompts if request.guided and request.negative_prompts else [])
-            ids, lengths = tokenize(self.tokenizer, texts, g.text_len)
+            ids, lengths = self.tokenizer(texts, g.text_len)
             hidden = self.backend.download(self.backend.run(
-                "text_encoder", {"input_ids": self.backend.upload(ids.numpy())})["hidden"]).astype(np.float32)
+                "text_encoder", {"input_ids": self.backend.upload(ids)})["hidden"]).astype(np.float32)
             positive = [(hidden[i], lengths[i]) for i in range(request.num_prompts)]
             negative = [(hidden[request.num_prompts + i], lengths[request.num_prompts + i])
                         for i in range(request.num_prompts)] if len(texts) > request.num_prompts else None
@@ -420,19 +445,27 @@ def _numpy(value) -> np.ndarray:
         (value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value))
 
 
-def _torch_dtype(precision: str):
-    import torch
+def _torch_backend(manifest: dict, profile: BuildProfile, device: str) -> Backend:
+    """The graphs' torch modules with the weights of the checkpoint the folder was built from."""
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.graphs.specs import Checkpoint, build_specs
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    source = Path(manifest["checkpoint"]["path"])
+    if not (source / "model_index.json").is_file():
+        raise ValueError(f"the torch backend reads weights from the checkpoint the engines were built from, {source}, "
+                         f"which is not there (the tensorrt and onnxruntime backends do not need it)")
+    return TorchBackend(build_specs(Checkpoint(source), profile, manifest["precision"], manifest.get("overrides") or None,
+                                    manifest["backend"]), device)
 
 
-def _generator(seed: int | None, generator):
+def _draws(seed: int | None, generator):
+    """torch.Generator draws (the reference's numbers) when torch is installed, else numpy's."""
     if generator is not None:
         if seed is not None:
             raise ValueError("give at most one of seed and generator")
-        return generator
-    if seed is None:
-        return None
-    import torch
-
-    return torch.Generator().manual_seed(int(seed))
+        return RandomDraws(generator)
+    try:
+        import torch
+    except ImportError:
+        return NumpyDraws(seed)
+    return RandomDraws(None if seed is None else torch.Generator().manual_seed(int(seed)))

@@ -74,6 +74,24 @@ def test_profile_change_rebuilds_only_the_graphs_it_shapes(copy, tiny_t2i):
     assert "graph declaration (shapes/profile) changed" in rows["spatial"].why
 
 
+def test_configs_are_copied_and_follow_the_checkpoint(copy, tiny_t2i, tmp_path):
+    manifest = mf.verify_folder(copy)
+    files = {r["file"] for r in manifest["configs"]}
+    assert {"configs/model_index.json", "configs/transformer/config.json", "configs/scheduler/scheduler_config.json",
+            "configs/tokenizer/tokenizer.json"} <= files
+    assert not any(f.endswith(".safetensors") for f in files)
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_t2i, checkpoint)
+    config = checkpoint / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("{", '{"_edited": 1, ', 1))
+    rows, _ = _build(checkpoint, copy)
+    assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"configs"}
+    assert "_edited" in (copy / "configs" / "scheduler" / "scheduler_config.json").read_text()
+    (copy / "configs" / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(mf.ManifestError, match="tokenizer.json was modified after the build"):
+        mf.verify_folder(copy)
+
+
 def test_precision_change_rebuilds_only_that_graph(copy, tiny_t2i):
     rows, _ = _build(tiny_t2i, copy, overrides={"vae_decoder": "fp16"})
     assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"vae_decoder"}
@@ -112,7 +130,7 @@ def test_new_tolerances_revalidate_without_reexporting(copy, tiny_t2i, monkeypat
     monkeypatch.setitem(build_module.TOLERANCES, "fp32", looser)
     onnx_files = {k: v for k, v in _mtimes(copy).items() if ".onnx" in k}
     rows, _ = _build(tiny_t2i, copy)
-    assert {r.status for r in rows.values()} == {"revalidated"}
+    assert {r.status for n, r in rows.items() if n != "configs"} == {"revalidated"}
     assert {k: v for k, v in _mtimes(copy).items() if ".onnx" in k} == onnx_files
     entry = mf.load_manifest(copy)["components"]["spatial"]
     assert entry["validation"]["tolerance"]["rtol"] == 2e-4
@@ -259,7 +277,7 @@ def test_cli_auto_backend_builds_onnx_runtime_artifacts_and_says_why(tiny_t2i, t
     assert (out / "manifest.json").exists() and (out / "place.onnx").exists()
     again = _cli("--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
                  "--exporter", "torchscript", "--no-progress")
-    assert again.returncode == 0 and "0 rebuilt, 1 reused" in again.stdout
+    assert again.returncode == 0 and "0 rebuilt, 2 reused" in again.stdout  # place and configs/
 
 
 # -------------------------------------------------------------------------------------------------
@@ -270,8 +288,11 @@ def test_engine_profile_covers_every_dynamic_dim(tiny_t2i):
     flags = tensorrt_build.engine_flags(specs["text_encoder"], "fp16", 8.0, 3)
     assert flags["profile"] == {"input_ids": [[1, 256], [6, 256], [6, 256]]}
     assert flags["strongly_typed"] and flags["tf32"]
-    assert tensorrt_build.engine_flags(specs["spatial"], "fp32", 8.0, 3) == {
+    assert tensorrt_build.engine_flags(specs["denoise"], "fp32", 8.0, 3) == {
         "strongly_typed": True, "tf32": False, "workspace_gib": 8.0, "optimization_level": 3, "profile": {}}
+    # known-token slots: one bucket (N / 8 = 2) .. N = 16, opt the middle bucket
+    assert tensorrt_build.engine_flags(specs["spatial"], "fp16", 8.0, 3)["profile"] == {
+        "known_ids": [[3, 2], [3, 8], [3, 16]]}
     assert specs["text_encoder"].precision == "bf16"  # Phi-2 on TensorRT in an fp16 build
     assert "install TensorRT" in tensorrt_build.unavailable_sentence("x")
 
@@ -280,7 +301,7 @@ def test_engine_profile_covers_every_dynamic_dim(tiny_t2i):
 def test_tensorrt_engines_build_validate_and_are_reused(tiny_t2i, tmp_path):
     out = tmp_path / "trt"
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", precision="fp16")
-    assert all((out / f"{name}.plan").exists() for name in rows)
+    assert all((out / f"{name}.plan").exists() for name in rows if name != "configs")
     manifest = mf.verify_folder(out, backend="tensorrt")
     assert all(manifest["components"][n]["engine"]["validation"]["passed"] for n in rows)
     assert (out / tensorrt_build.TIMING_CACHE_NAME).exists()

@@ -46,7 +46,7 @@ def t2v_build(tiny_t2v, tmp_path_factory):
 @pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
 def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     builder, rows, _ = request.getfixturevalue(which)
-    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
+    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder", "configs"}
     if which == "t2v_build":
         expected |= {"temporal_step", "vae_encoder", "vae_decoder_single"}
     assert {r.component for r in rows} == expected and all(r.status == "rebuilt" for r in rows)
@@ -70,7 +70,7 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
         assert manifest["components"]["vae_decoder"]["validation"]["sizes"] == [{"window": 2}, {"window": 3}]
 
 
-def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_k(t2i_build):
+def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_bucket(t2i_build):
     builder = t2i_build[0]
     spec, model = builder.specs["spatial"], builder.checkpoint.module("transformer", "fp32")
     g = builder.geometry
@@ -78,7 +78,7 @@ def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_k(t2i_bu
     gen = torch.Generator().manual_seed(9)
     order = torch.stack([torch.randperm(g.num_tokens, generator=gen) for _ in range(g.batch)])
     indicator = torch.randn(g.model_batch, g.num_video_tokens, g.width, generator=gen)
-    for known in (0, 1, g.num_tokens // 2, g.num_tokens - g.max_tokens_per_step):
+    for known in (0, 1, g.known_bucket, g.num_tokens // 2, g.num_tokens - 1):
         mask = torch.ones(g.batch, g.num_tokens, 1).scatter(1, order[:, :known, None], 0)
         canvas = unpatchify(patchify(torch.randn(g.batch, g.channels, *g.latent_size, generator=gen), g.patch)
                             * (1 - mask), g.patch, *g.latent_size)
@@ -86,8 +86,10 @@ def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_k(t2i_bu
         with torch.no_grad():
             z = model.spatial(canvas, mask, indicator, torch.cat([order[:, :known]] * 2))
         expected = z.gather(1, torch.cat([selected] * 2).unsqueeze(-1).expand(-1, -1, g.width)).numpy()
-        (got,) = session.run(None, {"canvas": canvas.numpy(), "unknown_mask": mask.numpy(),
-                                    "indicator": indicator.numpy(), "selected": selected.numpy()})
+        slots = order[:, :g.known_slots(known)]
+        (got,) = session.run(None, {"canvas": canvas.numpy(), "known_ids": slots.numpy(),
+                                    "known_count": np.array([known]), "indicator": indicator.numpy(),
+                                    "selected": selected.numpy()})
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"k = {known}")
 
 
@@ -149,7 +151,8 @@ def test_fp16_graph_dtypes_follow_the_precision_policy(tiny_t2i, tmp_path):
 
     io = {v.name: onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)
           for v in [*onnx.load(str(tmp_path / "fp16" / "spatial.onnx"), load_external_data=False).graph.input]}
-    assert io == {"canvas": "FLOAT", "unknown_mask": "FLOAT", "indicator": "FLOAT16", "selected": "INT64"}
+    assert io == {"canvas": "FLOAT", "known_ids": "INT64", "known_count": "INT64", "indicator": "FLOAT16",
+                  "selected": "INT64"}
 
 
 def test_torchscript_exporter_gives_an_equivalent_graph(tiny_t2v, tmp_path):

@@ -12,7 +12,7 @@ from runtime.graphs.modules import fp32_islands, time_embedding
 from runtime.graphs.profile import component_precision, max_tokens_per_step
 from runtime.model import vae as vae_ops
 from runtime.model.transformer import patchify, unpatchify
-from runtime.schedules import SamplerTable, mask_schedule
+from runtime.schedules import SamplerTable, mask_schedule, scheduler_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_declarations_match_the_modules(which, request):
 
 @pytest.mark.parametrize("cfg", [True, False])
 @pytest.mark.parametrize("which", ["t2i", "t2v"])
-def test_spatial_full_length_key_mask_equals_reference_gather(which, cfg, request):
+def test_spatial_bucketed_slots_equal_reference_gather(which, cfg, request):
     checkpoint = request.getfixturevalue(which)
     spec = _specs(checkpoint, cfg=cfg, prompts=2)["spatial"]
     module, model = spec.build(), checkpoint.module("transformer", "fp32")
@@ -59,7 +59,7 @@ def test_spatial_full_length_key_mask_equals_reference_gather(which, cfg, reques
     gen = torch.Generator().manual_seed(3)
     order = torch.stack([torch.randperm(g.num_tokens, generator=gen) for _ in range(g.batch)])
     indicator = torch.randn(g.model_batch, g.num_video_tokens, g.width, generator=gen)
-    for known in (0, 1, g.num_tokens // 2, g.num_tokens - g.max_tokens_per_step):
+    for known in (0, 1, g.known_bucket, g.num_tokens // 2, g.num_tokens - 1):
         known_ids = order[:, :known]
         mask = torch.ones(g.batch, g.num_tokens, 1).scatter(1, known_ids.unsqueeze(-1), 0)
         canvas = unpatchify(patchify(torch.randn(g.batch, g.channels, *g.latent_size, generator=gen), g.patch) * (1 - mask),
@@ -70,7 +70,9 @@ def test_spatial_full_length_key_mask_equals_reference_gather(which, cfg, reques
             z = model.spatial(canvas, mask, indicator, ids)
             rows = torch.cat([selected, selected]) if cfg else selected
             expected = z.gather(1, rows.unsqueeze(-1).expand(-1, -1, g.width))
-        got = module(canvas, mask, indicator, selected)
+        slots = g.known_slots(known)
+        assert slots >= known and (slots % g.known_bucket == 0 or slots == g.num_tokens)
+        got = module(canvas, order[:, :slots], torch.tensor([known]), indicator, selected)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5, msg=f"k = {known}")
 
 
@@ -136,7 +138,7 @@ def test_denoise_steps_equal_reference_denoise_loop(which, request):
     from runtime.reference import ReferencePipeline
 
     pipe = ReferencePipeline(checkpoint.module("transformer", "fp32"), None, None, None, checkpoint.scheduler)
-    sampler = SamplerTable.from_scheduler(checkpoint.scheduler, 4)
+    sampler = SamplerTable.from_config(scheduler_config(checkpoint.folder / "scheduler"), 4)
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(g.model_batch, g.num_tokens, g.width, generator=gen)
     x0 = torch.randn(g.batch, g.channels, *g.latent_size, generator=gen)
@@ -153,9 +155,10 @@ def test_denoise_steps_equal_reference_denoise_loop(which, request):
     x, noises = take(x0), iter(recorded.tensors)
     clip = torch.tensor([sampler.clip_range if sampler.clip_range is not None else 3.0e38])
     z_sel = z.gather(1, torch.cat([rows, rows]).unsqueeze(-1).expand(-1, -1, g.width))
-    for j, timestep in enumerate(sampler.timesteps):
+    for j, timestep in enumerate(torch.from_numpy(sampler.timesteps)):
         noise = take(next(noises)) if sampler.draws_noise(j) else torch.zeros_like(x)
-        x = module(x, z_sel, timestep.reshape(1), sampler.coefficients[j], clip, noise, torch.tensor([5.0]))
+        x = module(x, z_sel, timestep.reshape(1), torch.from_numpy(sampler.coefficients[j]), clip, noise,
+                   torch.tensor([5.0]))
     assert (sampler.clip_range is not None) == (which == "t2v")
     torch.testing.assert_close(x, take(unpatchify(expected, g.patch, *g.latent_size)), rtol=1e-5, atol=1e-6)
 

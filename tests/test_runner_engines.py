@@ -94,14 +94,62 @@ def test_partial_build_is_refused(tiny_t2i, tmp_path):
         NOVARunner.from_engines(out)
 
 
-def test_folder_whose_checkpoint_is_gone_is_refused(engine_copy, tmp_path):
+def test_folder_is_self_contained_without_its_checkpoint(engine_copy, tmp_path):
     from export import manifest as mf
 
     body = json.loads((engine_copy / "manifest.json").read_text())
     body["checkpoint"]["path"] = str(tmp_path / "moved")
     mf.save_manifest(engine_copy, {k: v for k, v in body.items() if k not in ("checksum", "format")})
-    with pytest.raises(ValueError, match="was built from the checkpoint .*moved, which is not there"):
+    out = NOVARunner.from_engines(engine_copy)("a cat", seed=0, num_inference_steps=8, num_diffusion_steps=2)
+    assert out.images.shape == (1, 64, 64, 3)  # configs, scheduler and tokenizer came from configs/
+    with pytest.raises(ValueError, match="torch backend reads weights from the checkpoint .*moved, which is not there"):
+        NOVARunner.from_engines(engine_copy, backend="torch")
+    (engine_copy / "configs" / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="configs/tokenizer/tokenizer.json is missing"):
         NOVARunner.from_engines(engine_copy)
+
+
+_WITHOUT = """
+import sys
+for name in sys.argv[2].split(","):
+    sys.modules[name] = None  # `import name` now raises ImportError
+from runtime.runner import NOVARunner
+{body}
+print(sorted(m for m in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt") if sys.modules.get(m)))
+"""
+
+
+def _run_without(modules: str, folder, body: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT.format(body=body), str(folder), modules],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_onnxruntime_runner_needs_no_torch(t2i_engines, t2i_pipe):
+    body = """
+import numpy as np
+runner = NOVARunner.from_engines(sys.argv[1], backend="onnxruntime")
+a, b = (runner("a lighthouse", seed=3, num_inference_steps=8, num_diffusion_steps=4) for _ in range(2))
+c = runner("a lighthouse", seed=4, num_inference_steps=8, num_diffusion_steps=4)
+assert a.images.shape == (1, 64, 64, 3) and a.images.dtype == np.uint8
+assert np.array_equal(a.latents, b.latents) and not np.array_equal(a.latents, c.latents)  # numpy draws, seeded
+"""
+    assert _run_without("torch,diffusers,transformers", t2i_engines, body) == "['onnxruntime']"
+
+
+def test_tensorrt_path_imports_neither_torch_nor_onnxruntime(t2i_engines):
+    body = """
+try:
+    NOVARunner.from_engines(sys.argv[1], backend="tensorrt", device="cuda")
+except ValueError as error:
+    assert "no TensorRT engine" in str(error) or "tensorrt" in str(error), error
+"""
+    assert _run_without("torch,diffusers,transformers,onnxruntime", t2i_engines, body) == "[]"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -24,7 +24,8 @@ class TorchBackend(Backend):
         return tuple(self.modules)
 
     def upload(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        host = np.ascontiguousarray(array)
+        return torch.from_numpy(host if host.flags.writeable else host.copy()).to(self.device)
 
     def download(self, array: torch.Tensor) -> np.ndarray:
         return array.detach().float().cpu().numpy() if array.dtype == torch.bfloat16 else array.detach().cpu().numpy()

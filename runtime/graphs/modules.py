@@ -7,7 +7,7 @@ what a static-shape graph needs around the official modules:
 
 - classifier-free guidance duplication inside the graph (M = 2B rows) where the reference does it;
 - the temporal KV cache as explicit fixed-size tensors with a write position and a validity mask;
-- the spatial encoder's variable known-token half as an exact key mask at full length;
+- the spatial encoder's variable known-token half as bucketed slots under an exact key mask;
 - the sampler update (a `SamplerTable` row) and CFG mixing in fp32;
 - the precision policy: in fp16/bf16 graphs LayerNorm/GroupNorm run in fp32 (`fp32_islands`).
 """
@@ -208,38 +208,40 @@ class TemporalStepGraph(GraphModule):
 # Spatial encoder
 # -------------------------------------------------------------------------------------------------
 class SpatialGraph(GraphModule):
-    """One mask step of the spatial encoder, exact at full static length.
+    """One mask step of the spatial encoder, exact, on a bucketed number of known-token slots.
 
-    canvas [B, C, h, w] f32, unknown_mask [B, N, 1] f32 (1 = not generated yet, before this step's
-    update), indicator [M, Nv, D], selected [B, n_max] int64 -> z_selected [M, n_max, D].
+    canvas [B, C, h, w] f32 (0 at unknown tokens), known_ids [B, K] int64 (the token order's first K
+    ids: distinct, the known tokens first), known_count [1] int64 (k <= K: how many of them are
+    known), indicator [M, Nv, D], selected [B, n_max] int64 -> z_selected [M, n_max, D].
 
-    The official encoder half runs on [indicator, the k known tokens] (k varies per step); here it
-    runs on all Nv + N tokens with a key mask that hides the unknown ones, so every query sees exactly
-    the official keys. Unknown positions' outputs are discarded (they keep mask token + position, as
-    after the official scatter), and the decoder half runs unmasked.
+    The official encoder half runs on [indicator, the k known tokens], k growing every step. Here it
+    runs on [indicator, K slots] with K = k rounded up to a bucket (`Geometry.known_slots`), and a key
+    mask hides the slots beyond k, so every query sees exactly the official keys. The encoded slots are
+    scattered back (masked slots write back the mask token) and the decoder half runs on all N tokens.
     """
 
     def __init__(self, model: NOVATransformer3DModel, geometry: Geometry, compute_dtype: torch.dtype):
         super().__init__(compute_dtype)
         self.model, self.geometry = model, geometry
 
-    def forward(self, canvas: torch.Tensor, unknown_mask: torch.Tensor, indicator: torch.Tensor,
-                selected: torch.Tensor) -> torch.Tensor:
+    def forward(self, canvas: torch.Tensor, known_ids: torch.Tensor, known_count: torch.Tensor,
+                indicator: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         model, g, encoder = self.model, self.geometry, self.model.image_encoder
         with self.islands():
-            mask = unknown_mask.to(self.compute_dtype)
-            # As NOVATransformer3DModel.spatial: patch embed + mask token, CFG copies, then positions.
-            tokens = model.mask_embed.apply_mask(encoder.patch_embed(canvas.to(self.compute_dtype)), mask)
-            tokens = _dup(tokens, g.cfg)
-            tokens = tokens + model.image_space_embed.to(tokens.dtype)
-            known = _dup(unknown_mask, g.cfg) < 0.5  # [M, N, 1]
-            keys = torch.cat([known.new_ones(known.shape[0], g.num_video_tokens), known[..., 0]], dim=1)
-            keys = keys.view(keys.shape[0], 1, 1, -1)
-            h = torch.cat([indicator, tokens], dim=1)
+            position = model.image_space_embed.to(self.compute_dtype)
+            # As NOVATransformer3DModel.spatial (same rounding): patch embed, CFG copies, then positions;
+            # unknown tokens are the mask token (+ position).
+            embedded = _dup(encoder.patch_embed(canvas.to(self.compute_dtype)), g.cfg) + position
+            blank = (model.mask_embed.mask_token.to(self.compute_dtype) + position).expand(embedded.shape)
+            index = _dup(known_ids, g.cfg).unsqueeze(-1).expand(-1, -1, g.width)
+            slot_known = (torch.arange(known_ids.shape[1], device=known_ids.device) < known_count).view(1, -1, 1)
+            keys = torch.cat([slot_known.new_ones(1, g.num_video_tokens), slot_known[..., 0]], dim=1).view(1, 1, 1, -1)
+            h = torch.cat([indicator, embedded.gather(1, index)], dim=1)
             for block in encoder.blocks[: encoder.encoder_depth]:
                 h = block(h, attn_mask=keys)
-            condition, encoded = h.split([g.num_video_tokens, g.num_tokens], dim=1)
-            h = torch.cat([condition, torch.where(known, encoded, tokens)], dim=1)
+            condition, encoded = h.split([g.num_video_tokens, known_ids.shape[1]], dim=1)
+            written = torch.where(slot_known, encoded, blank.gather(1, index))
+            h = torch.cat([condition, blank.scatter(1, index, written)], dim=1)
             for block in encoder.blocks[encoder.encoder_depth:]:
                 h = block(h)
             rows = _dup(selected, g.cfg).unsqueeze(-1).expand(-1, -1, h.shape[-1])

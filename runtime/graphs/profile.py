@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from runtime.model.config import NOVAConfig
 from runtime.schedules import mask_schedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+NO_CLIP = 3.0e38  # clip_range meaning "no clipping" (finite: some backends mishandle inf bounds)
+VIDEO_VAE_WINDOW = 5  # latents per temporal tile of the Open-Sora VAE decoder
 
 # Compute precision of every graph per build precision (ENGINEERING.md §5):
 #  - Phi-2 attention overflows in fp16 -> the text encoder runs in fp32 in an fp16 build;
@@ -51,6 +55,20 @@ def component_precision(component: str, precision: str, overrides: dict[str, str
         return overrides[component]
     backend_policy = BACKEND_POLICY.get(backend, {}).get(precision, {})
     return backend_policy.get(component, POLICY[precision].get(component, precision))
+
+
+KNOWN_TOKEN_BUCKETS = 8  # spatial-graph lengths per frame: +4 % encoder FLOPs over exact lengths (engines/README.md)
+
+
+def known_bucket(num_tokens: int) -> int:
+    return -(-num_tokens // KNOWN_TOKEN_BUCKETS)
+
+
+def known_slots(num_tokens: int, known: int) -> int:
+    """Known-token slots of the spatial graph for `known` generated tokens: the next multiple of the
+    bucket (at least one bucket, at most N); slots beyond `known` are masked."""
+    bucket = known_bucket(num_tokens)
+    return min(num_tokens, max(1, -(-known // bucket)) * bucket)
 
 
 def max_tokens_per_step(num_tokens: int, min_steps: int) -> int:
@@ -115,6 +133,7 @@ class Geometry:
     max_latent_length: int  # T_max
     cache_length: int  # Lmax = Lc + T_max * Nv
     max_tokens_per_step: int  # n_max
+    known_bucket: int  # the spatial graph's known-token slots come in multiples of this
     has_motion: bool
     has_mixer: bool
     base_t: int
@@ -138,12 +157,28 @@ class Geometry:
             token_dim=config.token_dim, patch=config.patch_size, video_depth=config.video_depth,
             num_heads=config.num_heads, head_dim=config.width // config.num_heads, max_latent_length=frames,
             cache_length=config.num_condition_tokens + frames * config.num_video_tokens,
-            max_tokens_per_step=n_max, has_motion=config.has_motion, has_mixer=bool(config.video_mixer_rank),
+            max_tokens_per_step=n_max, known_bucket=known_bucket(config.num_image_tokens),
+            has_motion=config.has_motion, has_mixer=bool(config.video_mixer_rank),
             base_t=config.video_base_size[0], image_size=tuple(config.image_size))
 
     @property
     def video(self) -> bool:
         return self.max_latent_length > 1
 
+    def known_slots(self, known: int) -> int:
+        return known_slots(self.num_tokens, known)
+
+    @property
+    def max_known_slots(self) -> int:
+        """Slots for the most tokens known before a mask step (N - 1: every step predicts >= 1)."""
+        return self.known_slots(self.num_tokens - 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def frame_position(index: int, num_frames: int, base_t: int) -> np.ndarray:
+    """The `frame_position` input for latent frame `index` of a `num_frames` request: index * base_t /
+    num_frames, computed as VideoPosEmbed does (float32 index divided by the float32 of
+    num_frames / base_t). -> [1] float32."""
+    return (np.float32(index) / np.float32(num_frames / base_t)).reshape(1).astype(np.float32)

@@ -30,22 +30,20 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from runtime.graphs.modules import (TORCH_DTYPES, DenoiseGraph, PlaceGraph, SpatialGraph, TemporalPrefillGraph,
                                     TemporalStepGraph, TextEncoderGraph, VAEDecoderGraph, VAEEncoderGraph,
                                     cast_module)
-from runtime.graphs.profile import BuildProfile, Geometry, component_precision
+from runtime.graphs.profile import (NO_CLIP, VIDEO_VAE_WINDOW, BuildProfile, Geometry, component_precision,
+                                    frame_position)
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool}
 COMPUTE_DTYPE_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 GRAPH_NAMES = ("text_encoder", "temporal_prefill", "temporal_step", "spatial", "denoise", "place",
                "vae_decoder", "vae_encoder")
-NO_CLIP = 3.0e38  # clip_range meaning "no clipping" (finite: some backends mishandle inf bounds)
-VIDEO_VAE_WINDOW = 5  # latents per temporal tile of the Open-Sora VAE decoder
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,13 +164,6 @@ class Checkpoint:
                 None: {}}[component]
 
 
-def frame_position(index: int, num_frames: int, base_t: int) -> np.ndarray:
-    """The `frame_position` input for latent frame `index` of a `num_frames` request: index * base_t /
-    num_frames, computed as VideoPosEmbed does (float32 index divided by the float32 of
-    num_frames / base_t). -> [1] float32."""
-    return (np.float32(index) / np.float32(num_frames / base_t)).reshape(1).astype(np.float32)
-
-
 # -------------------------------------------------------------------------------------------------
 # Realistic random inputs
 # -------------------------------------------------------------------------------------------------
@@ -184,20 +175,11 @@ def _randint(low: int, high: int, shape, generator) -> torch.Tensor:
     return torch.randint(low, high, shape, generator=generator, dtype=torch.int64)
 
 
-def _token_window(batch: int, num_tokens: int, count: int, generator, start: int | None = None) -> torch.Tensor:
+def _token_window(batch: int, num_tokens: int, count: int, generator) -> torch.Tensor:
     """Distinct ids per row: a cyclic window of a random order (what the runner passes)."""
     order = torch.stack([torch.randperm(num_tokens, generator=generator) for _ in range(batch)])
-    first = start if start is not None else int(_randint(0, num_tokens, (1,), generator))
+    first = int(_randint(0, num_tokens, (1,), generator))
     return order[:, (first + torch.arange(count)) % num_tokens]
-
-
-def _unknown_mask(batch: int, num_tokens: int, generator, known: int | None = None) -> torch.Tensor:
-    """[B, N, 1] float32: 1 = not generated yet; `known` tokens (random count if None) are 0."""
-    mask = torch.ones(batch, num_tokens, 1)
-    for row in range(batch):
-        k = known if known is not None else int(_randint(0, num_tokens, (1,), generator))
-        mask[row, torch.randperm(num_tokens, generator=generator)[:k]] = 0
-    return mask
 
 
 # -------------------------------------------------------------------------------------------------
@@ -324,41 +306,53 @@ def build_specs(checkpoint: Checkpoint, profile: BuildProfile, precision: str = 
             sample=sample_step)
 
     # -- spatial (per mask step) -------------------------------------------------------------------
-    def sample_spatial(dims, gen, known: int | None = None):
+    slots_dim = _dim("known_slots", g.known_bucket, g.max_known_slots,
+                     opt=g.known_slots(g.max_known_slots // 2))
+    K = "known_slots" if slots_dim else g.max_known_slots
+
+    def sample_spatial(dims, gen):
         from runtime.model.transformer import unpatchify
 
-        mask = _unknown_mask(B, N, gen, known)
-        known_pixels = unpatchify((1 - mask).expand(-1, -1, td), g.patch, h, w)  # the canvas is 0 where unknown
-        return {"canvas": known_pixels * _randn((B, C, h, w), gen), "unknown_mask": mask,
-                "indicator": _randn((M, Nv, D), gen, DTYPE_NAMES[act["spatial"]]),
-                "selected": _token_window(B, N, n, gen)}
+        slots = dims.get("known_slots", g.max_known_slots)
+        count = int(_randint(0, slots + 1, (1,), gen))
+        order = torch.stack([torch.randperm(N, generator=gen) for _ in range(B)])
+        unknown = torch.ones(B, N, td).scatter(1, order[:, :count, None].expand(-1, -1, td), 0)
+        known_pixels = unpatchify(1 - unknown, g.patch, h, w)  # the canvas is 0 where unknown
+        return {"canvas": known_pixels * _randn((B, C, h, w), gen), "known_ids": order[:, :slots],
+                "known_count": torch.tensor([count]), "indicator": _randn((M, Nv, D), gen, DTYPE_NAMES[act["spatial"]]),
+                "selected": order[:, (count + torch.arange(n)) % N]}
 
     specs["spatial"] = GraphSpec(
         name="spatial", precision=prec["spatial"],
-        doc="One mask step of the spatial encoder at full static length: the encoder half hides unknown tokens "
-            "with a key mask (exactly the official known-token gather), then Z at the selected tokens.",
+        doc="One mask step of the spatial encoder: the encoder half on the known tokens (a bucketed number of "
+            "slots under a key mask: exactly the official known-token gather), the decoder half on all tokens, "
+            "then Z at the selected tokens.",
         inputs=(_t("canvas", "float32", B, C, h, w, doc="latent frame so far (0 at unknown tokens)"),
-                _t("unknown_mask", "float32", B, N, 1, doc="1 = not generated yet (before this step)"),
+                _t("known_ids", "int64", B, K, doc="the token order's first K ids (Geometry.known_slots(k))"),
+                _t("known_count", "int64", 1, doc="k: how many of known_ids are known (the rest are masked)"),
                 _t("indicator", act["spatial"], M, Nv, D),
                 _t("selected", "int64", B, n, doc="this step's token ids, padded with distinct ids")),
         outputs=(_t("z_selected", act["spatial"], M, n, D),),
-        dims={}, component="transformer", weight_prefixes=("mask_embed.mask_token", "image_encoder."),
+        dims={d.name: d for d in [slots_dim] if d}, component="transformer",
+        weight_prefixes=("mask_embed.mask_token", "image_encoder."),
         sources=_sources(*transformer_src),
         build=lambda: SpatialGraph(transformer("spatial"), g, TORCH_DTYPES[prec["spatial"]]).eval(),
         sample=sample_spatial,
-        notes=("exact key-masked encoder half at full length Nv + N (no length buckets)",))
+        notes=(f"encoder half on known-token slots in buckets of {g.known_bucket} (N / 8 rounded up), "
+               f"key-masked beyond k",))
 
     # -- denoise (one diffusion step) ----------------------------------------------------------------
-    from runtime.schedules import SamplerTable
+    from runtime.schedules import SamplerTable, scheduler_config
 
-    table = SamplerTable.from_scheduler(checkpoint.scheduler, 25)
+    table = SamplerTable.from_config(scheduler_config(checkpoint.folder / "scheduler"), 25)
     clip = table.clip_range if table.clip_range is not None else NO_CLIP
 
     def sample_denoise(dims, gen):
         step = int(_randint(0, len(table.timesteps), (1,), gen))
         return {"x": _randn((B, n, td), gen), "z_selected": _randn((M, n, D), gen, DTYPE_NAMES[act["denoise"]]),
-                "timestep": table.timesteps[step].reshape(1).clone(),
-                "coefficients": table.coefficients[step].clone(), "clip_range": torch.tensor([float(clip)]),
+                "timestep": torch.from_numpy(table.timesteps[step:step + 1].copy()),
+                "coefficients": torch.from_numpy(table.coefficients[step].copy()),
+                "clip_range": torch.tensor([float(clip)]),
                 "noise": _randn((B, n, td), gen),
                 "guidance_scale": torch.rand(1, generator=gen) * 6 + 1.5}
 
