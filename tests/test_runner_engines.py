@@ -62,6 +62,32 @@ def test_torch_backend_from_an_engine_folder_equals_from_checkpoint(t2i_engines,
     assert np.array_equal(a.latents, b.latents)
 
 
+def test_output_buffers_alternate_and_are_allocated_once():
+    from runtime.backends.base import OutputBuffers
+
+    made = []
+    buffers = OutputBuffers(lambda shape, dtype: made.append((shape, dtype)) or np.zeros(shape, dtype))
+    shapes = {"x_next": ((1, 4, 16), np.float32)}
+    a, b, c = (buffers.next("denoise", shapes) for _ in range(3))
+    assert a["x_next"] is not b["x_next"] and c["x_next"] is a["x_next"]  # ping-pong: never the one just written
+    assert buffers.next("place", shapes)["x_next"] is not a["x_next"]  # per graph
+    assert buffers.next("denoise", {"x_next": ((2, 4, 16), np.float32)})["x_next"].shape == (2, 4, 16)  # per shape
+    assert len(made) == 6
+
+
+def test_onnxruntime_outputs_are_preallocated_and_reused(t2i_engines):
+    runner = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
+    options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=3)
+    first = runner("a cat", **options)
+    buffers = {key: [id(array) for pair in sets for array, _ in pair.values()]
+               for key, sets in runner.backend.buffers.sets.items()}
+    assert {key[0] for key in buffers} == {"temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
+    second = runner("a cat", **options)
+    assert {key: [id(array) for pair in sets for array, _ in pair.values()]
+            for key, sets in runner.backend.buffers.sets.items()} == buffers  # the same arrays, none added
+    assert np.array_equal(first.latents, second.latents) and np.array_equal(first.images, second.images)
+
+
 @pytest.fixture
 def engine_copy(t2i_engines, tmp_path):
     return shutil.copytree(t2i_engines, tmp_path / "copy")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -14,7 +14,10 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(abc.ABC):
     """Device arrays are whatever the backend keeps (torch tensors, numpy arrays, CUDA buffers):
-    graph outputs are fed to later graphs as they are, without passing through the host."""
+    graph outputs are fed to later graphs as they are, without passing through the host.
+
+    An output stays valid until its graph has run twice more (backends may write outputs into
+    `OutputBuffers`); `download` returns a host copy that stays valid."""
 
     name: str
 
@@ -36,3 +39,27 @@ class Backend(abc.ABC):
     @property
     def graphs(self) -> tuple[str, ...]:
         return ()
+
+
+class OutputBuffers:
+    """Graph outputs written into buffers allocated once: two sets per graph and output shape, used
+    in turn. A call never writes the buffer it reads (x_next feeds the next denoise call, the KV cache
+    the next temporal step), and an output stays valid until its graph has run twice more, which is
+    all the runner's loops keep. Shapes are the static ones of the build, so the sets are allocated on
+    the first request and reused by every later one."""
+
+    def __init__(self, allocate: Callable[[tuple[int, ...], np.dtype], Any]):
+        self.allocate = allocate
+        self.sets: dict[tuple, list[dict[str, Any]]] = {}
+        self.turn: dict[tuple, int] = {}
+
+    def next(self, graph: str, outputs: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, Any]:
+        """The buffer set for this call of `graph`; outputs: name -> (shape tuple, numpy dtype)."""
+        key = (graph, tuple(outputs.items()))
+        if key not in self.sets:
+            self.sets[key] = [{name: self.allocate(tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in outputs.items()}
+                              for _ in range(2)]
+            self.turn[key] = 0
+        turn = self.turn[key]
+        self.turn[key] = 1 - turn
+        return self.sets[key][turn]

@@ -2,7 +2,11 @@
 
 Needs `tensorrt` and `cuda-python` on a machine with an NVIDIA GPU; neither torch nor onnxruntime.
 Device arrays are `DeviceArray`s (a CUDA allocation with shape and dtype); every graph runs through
-`execute_async_v3` on one stream, with input and output addresses bound by tensor name.
+`execute_async_v3` on one stream, with input and output addresses bound by tensor name. Outputs go
+into `OutputBuffers` (allocated once, used in turn) and all execution contexts share one activation
+buffer (user-managed device memory, sized for the largest engine). Not done: CUDA-graph capture of
+the per-step launches (it needs fixed input addresses: per-call uploads would first be copied into
+staging buffers).
 
 Status: written against the documented API; NOT executed anywhere yet (TensorRT cannot be installed
 on the machines this project was developed on). Its tests skip with that reason.
@@ -15,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends.base import Backend, BackendUnavailable, OutputBuffers
 
 
 def _import():
@@ -65,7 +69,14 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise BackendUnavailable(f"{Path(path).name} does not load with TensorRT {trt.__version__} on this GPU; "
                                          f"rebuild it with export/build_engines.py --backend tensorrt")
-            self.engines[name], self.contexts[name] = engine, engine.create_execution_context()
+            self.engines[name] = engine
+            self.contexts[name] = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        # Graphs run one at a time on one stream, so all contexts share one activation (scratch) buffer,
+        # sized for the largest engine, instead of holding one each.
+        self.activations = DeviceArray(cudart, (max(e.device_memory_size_v2 for e in self.engines.values()),), np.uint8)
+        for context in self.contexts.values():
+            context.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(cudart, shape, dtype))
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -88,7 +99,7 @@ class TensorRTBackend(Backend):
 
     def run(self, graph: str, inputs: Mapping[str, Any]) -> dict[str, DeviceArray]:
         trt, engine, context = self.trt, self.engines[graph], self.contexts[graph]
-        outputs, keep = {}, []  # `keep`: uploaded inputs must outlive the asynchronous launch
+        keep = []  # uploaded inputs must outlive the asynchronous launch
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         for name in names:
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
@@ -96,11 +107,11 @@ class TensorRTBackend(Backend):
                 keep.append(value)
                 context.set_input_shape(name, value.shape)
                 context.set_tensor_address(name, value.ptr)
-        for name in names:
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-                outputs[name] = DeviceArray(self.cudart, tuple(context.get_tensor_shape(name)), dtype)
-                context.set_tensor_address(name, outputs[name].ptr)
+        shapes = {name: (tuple(context.get_tensor_shape(name)), np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
+                  for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT}
+        outputs = dict(self.buffers.next(graph, shapes))  # allocated on first use, then reused in turn
+        for name, array in outputs.items():
+            context.set_tensor_address(name, array.ptr)
         if not context.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT failed to run {graph}")
         _check(self.cudart.cudaStreamSynchronize(self.stream))  # before `keep` is released
