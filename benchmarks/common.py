@@ -12,10 +12,8 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ def _bench_variants() -> dict[str, dict[str, Any]]:
         "mid-t2i": {"scheduler": ck.FLOW_MATCH_SCHEDULER, "text_encoder": small_phi,
                     "vae": {**ck.SDXL_VAE_CONFIG, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1,
                             "sample_size": 256},
-                    "transformer": ck._t2i_transformer(256, 256, depths=(8, 16, 3), text_dim=320)},
+                    "transformer": ck.t2i_transformer_config(256, 256, depths=(8, 16, 3), text_dim=320)},
     }
 
 
@@ -61,17 +59,7 @@ def synthesize(variant: str, out: Path, seed: int = 0) -> Path:
     spec = _bench_variants().get(variant)
     if spec is None:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ck.VARIANT_NAMES + BENCH_VARIANTS)}")
-    import torch
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        ck._synthesize_into(spec, staging, torch.Generator().manual_seed(seed))  # same recipe as ck.synthesize
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return ck.synthesize(spec, out, seed)
 
 
 def resolve_checkpoint(checkpoint: str | None, variant: str | None, seed: int = 0) -> Path:

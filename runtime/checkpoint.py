@@ -179,7 +179,8 @@ DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "
                   "prediction_type": "epsilon", "variance_type": "fixed_small", "timestep_spacing": "leading"}
 
 
-def _t2i_transformer(width: int, image_size: int, depths=(16, 32, 6), text_dim: int = 2560) -> dict[str, Any]:
+def t2i_transformer_config(width: int, image_size: int, depths=(16, 32, 6), text_dim: int = 2560) -> dict[str, Any]:
+    """A text-to-image transformer config of the released family at another width / size / depth."""
     grid = image_size // 8
     return {"image_dim": 4, "image_size": image_size, "image_stride": 8, "text_token_dim": text_dim,
             "text_token_len": 256, "image_base_size": [grid // 2, grid // 2], "video_base_size": [1, grid // 4, grid // 4],
@@ -202,12 +203,12 @@ def _variants() -> dict[str, dict[str, Any]]:
     t2v = {"scheduler": DDPM_SCHEDULER, "text_encoder": PHI2_CONFIG, "vae": OSP480_VAE_CONFIG}
     return {
         "tiny-t2i": {**t2i, "text_encoder": TINY_PHI_CONFIG, "vae": TINY_SDXL_VAE_CONFIG,
-                     "transformer": _t2i_transformer(64, 64, depths=(2, 4, 2), text_dim=80)},
+                     "transformer": t2i_transformer_config(64, 64, depths=(2, 4, 2), text_dim=80)},
         "tiny-t2v": {**t2v, "text_encoder": TINY_PHI_CONFIG, "vae": TINY_VAE_CONFIG,
                      "transformer": _t2v_transformer(64, (2, 80), (64, 96), depths=(2, 4), text_dim=80, rank=8)},
-        "d48w768-sdxl1024": {**t2i, "transformer": _t2i_transformer(768, 1024)},
-        "d48w1024-sdxl1024": {**t2i, "transformer": _t2i_transformer(1024, 1024)},
-        "d48w1536-sdxl1024": {**t2i, "transformer": _t2i_transformer(1536, 1024)},
+        "d48w768-sdxl1024": {**t2i, "transformer": t2i_transformer_config(768, 1024)},
+        "d48w1024-sdxl1024": {**t2i, "transformer": t2i_transformer_config(1024, 1024)},
+        "d48w1536-sdxl1024": {**t2i, "transformer": t2i_transformer_config(1536, 1024)},
         "d48w1024-osp480": {**t2v, "transformer": _t2v_transformer(1024, (3, 1280), (480, 768))},
     }
 
@@ -247,16 +248,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def synthesize(variant: str, out: str | os.PathLike, seed: int = 0) -> Path:
+def synthesize(variant: str | dict[str, Any], out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of `variant` to `out`, file for file like the official ones.
 
+    variant: a name of VARIANT_NAMES, or the configs themselves ({"scheduler", "text_encoder", "vae",
+    "transformer"}, e.g. with `t2i_transformer_config`) for other sizes (the benchmarks' mid-size model).
     Written to a temporary sibling folder and renamed at the end, so an interrupted run leaves no
     half-written checkpoint behind.
     """
     variants = _variants()
-    if variant not in variants:
+    if isinstance(variant, str) and variant not in variants:
         raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANT_NAMES)}")
-    spec, target = variants[variant], Path(out)
+    spec, target = variants[variant] if isinstance(variant, str) else variant, Path(out)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")
     target.parent.mkdir(parents=True, exist_ok=True)
