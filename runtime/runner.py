@@ -265,30 +265,30 @@ class NOVARunner:
         mask_steps = None  # drawn with the first generated frame, as the reference draws the token order
         decoded_until = 0
         generated = frames - (first_latent is not None)
-        bar = tqdm(total=generated * len(schedule), unit="step", desc="mask steps", disable=not progress, leave=False)
-        for t in range(frames):
-            if t > 0:
-                inputs = {"prev_latent": backend.upload(latents[-1]),
-                          "frame_position": frame_position(t, frames, g.base_t),
-                          "k_cache": cache[0], "v_cache": cache[1],
-                          "cache_length": np.array([g.condition_len + t * g.num_video_tokens], np.int64)}
-                if g.has_mixer:
-                    inputs["anchor"] = anchor
-                with timer.stage("temporal"):
-                    out = run("temporal_step", {k: backend.upload(v) if isinstance(v, np.ndarray) else v
-                                                for k, v in inputs.items()})
-                indicator, cache = out["indicator"], (out["k_cache_out"], out["v_cache_out"])
-            if t == 0 and first_latent is not None:
-                latents.append(first_latent)
-            else:
-                if mask_steps is None:
-                    order = draws.token_order((batch, g.num_tokens, 1), draw_dtype)[..., 0]
-                    mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), schedule)
-                latents.append(self._frame(indicator, mask_steps, denoise_steps, sampler, draws, draw_dtype, batch,
-                                           timer, bar))
-            yield from self._decode_ready(latents, frames, decoded_until, request.batch, timer)
-            decoded_until = self._decoded_count(len(latents), frames)
-        bar.close()
+        with tqdm(total=generated * len(schedule), unit="step", desc="mask steps", disable=not progress,
+                  leave=False) as bar:
+            for t in range(frames):
+                if t > 0:
+                    inputs = {"prev_latent": backend.upload(latents[-1]),
+                              "frame_position": frame_position(t, frames, g.base_t),
+                              "k_cache": cache[0], "v_cache": cache[1],
+                              "cache_length": np.array([g.condition_len + t * g.num_video_tokens], np.int64)}
+                    if g.has_mixer:
+                        inputs["anchor"] = anchor
+                    with timer.stage("temporal"):
+                        out = run("temporal_step", {k: backend.upload(v) if isinstance(v, np.ndarray) else v
+                                                    for k, v in inputs.items()})
+                    indicator, cache = out["indicator"], (out["k_cache_out"], out["v_cache_out"])
+                if t == 0 and first_latent is not None:
+                    latents.append(first_latent)
+                else:
+                    if mask_steps is None:
+                        order = draws.token_order((batch, g.num_tokens, 1), draw_dtype)[..., 0]
+                        mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), schedule)
+                    latents.append(self._frame(indicator, mask_steps, denoise_steps, sampler, draws, draw_dtype, batch,
+                                               timer, bar))
+                yield from self._decode_ready(latents, frames, decoded_until, request.batch, timer)
+                decoded_until = self._decoded_count(len(latents), frames)
 
     def _mask_step_inputs(self, order: np.ndarray, schedule: list[int]) -> list[_MaskStep]:
         """The index inputs of every mask step, uploaded once per request (the token order is fixed)."""
