@@ -186,7 +186,7 @@ class CallRecorder:
         outputs = self.original(graph, inputs)
         if index in self.selection.get(graph, ()):
             # Copies: a CPU tensor can share memory with a host array the runner later updates in place.
-            copy = lambda v: np.array(_np(self.backend.download(v) if hasattr(v, "detach") else v), copy=True)  # noqa: E731
+            copy = lambda v: np.array(_np(v if isinstance(v, np.ndarray) else self.backend.download(v)), copy=True)  # noqa: E731
             self.records.append({"graph": graph, "call": index, "inputs": {k: copy(v) for k, v in inputs.items()},
                                  "outputs": {k: copy(v) for k, v in outputs.items()}})
         return outputs

@@ -79,12 +79,12 @@ def test_onnxruntime_outputs_are_preallocated_and_reused(t2i_engines):
     runner = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
     options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=3)
     first = runner("a cat", **options)
-    buffers = {key: [id(array) for pair in sets for array, _ in pair.values()]
+    buffers = {key: [id(value) for pair in sets for value in pair.values()]
                for key, sets in runner.backend.buffers.sets.items()}
     assert {key[0] for key in buffers} == {"temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
     second = runner("a cat", **options)
-    assert {key: [id(array) for pair in sets for array, _ in pair.values()]
-            for key, sets in runner.backend.buffers.sets.items()} == buffers  # the same arrays, none added
+    assert {key: [id(value) for pair in sets for value in pair.values()]
+            for key, sets in runner.backend.buffers.sets.items()} == buffers  # the same buffers, none added
     assert np.array_equal(first.latents, second.latents) and np.array_equal(first.images, second.images)
 
 
