@@ -3,8 +3,9 @@
 Needs `tensorrt` and `cuda-python` on a machine with an NVIDIA GPU; neither torch nor onnxruntime.
 Device arrays are `DeviceArray`s (a CUDA allocation with shape and dtype); every graph runs through
 `execute_async_v3` on one stream, with input and output addresses bound by tensor name. Outputs go
-into `OutputBuffers` (allocated once, used in turn) and all execution contexts share one activation
-buffer (user-managed device memory, sized for the largest engine). Not done: CUDA-graph capture of
+into `OutputBuffers` (allocated once, used in turn), all execution contexts share one activation
+buffer (user-managed device memory, sized for the largest engine), and uploads reuse freed memory of
+their size (`DeviceMemory`), so steady-state steps call neither cudaMalloc nor cudaFree. Not done: CUDA-graph capture of
 the per-step launches (it needs fixed input addresses: per-call uploads would first be copied into
 staging buffers).
 
@@ -39,17 +40,39 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
+class DeviceMemory:
+    """cudaMalloc with a free list by size: an array's memory goes back to the list when the array is
+    garbage, and the next array of that size takes it. Per-call uploads (each diffusion step's noise)
+    then cost no cudaMalloc / cudaFree (which synchronizes the device) after the first request. Safe
+    because every launch and copy is synchronized before its arrays can be dropped."""
+
+    def __init__(self, cudart):
+        self.cudart, self.free = cudart, {}
+
+    def take(self, nbytes: int) -> int:
+        spare = self.free.get(nbytes)
+        return spare.pop() if spare else _check(self.cudart.cudaMalloc(max(nbytes, 1)))
+
+    def give(self, ptr: int, nbytes: int) -> None:
+        self.free.setdefault(nbytes, []).append(ptr)
+
+    def __del__(self):
+        for pointers in self.free.values():
+            for ptr in pointers:
+                self.cudart.cudaFree(ptr)
+
+
 class DeviceArray:
     """A CUDA allocation holding one array."""
 
-    def __init__(self, cudart, shape: tuple[int, ...], dtype: np.dtype):
-        self.cudart, self.shape, self.dtype = cudart, tuple(shape), np.dtype(dtype)
+    def __init__(self, memory: DeviceMemory, shape: tuple[int, ...], dtype: np.dtype):
+        self.memory, self.shape, self.dtype = memory, tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.ptr = _check(cudart.cudaMalloc(max(self.nbytes, 1)))
+        self.ptr = memory.take(self.nbytes)
 
     def __del__(self):
         if getattr(self, "ptr", None):
-            self.cudart.cudaFree(self.ptr)
+            self.memory.give(self.ptr, self.nbytes)
 
 
 class TensorRTBackend(Backend):
@@ -73,10 +96,12 @@ class TensorRTBackend(Backend):
             self.contexts[name] = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         # Graphs run one at a time on one stream, so all contexts share one activation (scratch) buffer,
         # sized for the largest engine, instead of holding one each.
-        self.activations = DeviceArray(cudart, (max(e.device_memory_size_v2 for e in self.engines.values()),), np.uint8)
+        self.memory = DeviceMemory(cudart)
+        self.activations = DeviceArray(self.memory, (max(e.device_memory_size_v2 for e in self.engines.values()),),
+                                       np.uint8)
         for context in self.contexts.values():
             context.set_device_memory(self.activations.ptr, self.activations.nbytes)
-        self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(cudart, shape, dtype))
+        self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(self.memory, shape, dtype))
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -84,7 +109,7 @@ class TensorRTBackend(Backend):
 
     def upload(self, array: np.ndarray) -> DeviceArray:
         host = np.ascontiguousarray(array)
-        device = DeviceArray(self.cudart, host.shape, host.dtype)
+        device = DeviceArray(self.memory, host.shape, host.dtype)
         _check(self.cudart.cudaMemcpyAsync(device.ptr, host.ctypes.data, device.nbytes,
                                            self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
         _check(self.cudart.cudaStreamSynchronize(self.stream))  # host buffer may go away after return
