@@ -5,9 +5,9 @@ Device arrays are `DeviceArray`s (a CUDA allocation with shape and dtype); every
 `execute_async_v3` on one stream, with input and output addresses bound by tensor name. Outputs go
 into `OutputBuffers` (allocated once, used in turn), all execution contexts share one activation
 buffer (user-managed device memory, sized for the largest engine), and uploads reuse freed memory of
-their size (`DeviceMemory`), so steady-state steps call neither cudaMalloc nor cudaFree. Not done: CUDA-graph capture of
-the per-step launches (it needs fixed input addresses: per-call uploads would first be copied into
-staging buffers).
+their size (`DeviceMemory`), so steady-state steps call neither cudaMalloc nor cudaFree. Not done:
+CUDA-graph capture of the per-step launches (it needs fixed input addresses: per-call uploads would
+first be copied into staging buffers).
 
 Status: written against the documented API; NOT executed anywhere yet (TensorRT cannot be installed
 on the machines this project was developed on). Its tests skip with that reason.
