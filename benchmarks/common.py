@@ -297,3 +297,22 @@ def write_reports(report: dict, folder: Path, name: str, markdown, chart) -> dic
     paths["md"].write_text(markdown(report))
     chart(report, paths["png"])
     return paths
+
+
+def report_main(args, run, markdown, chart, kind: str, summary_until: str) -> int:
+    """The end of a benchmark's main(): `--render JSON` rewrites an existing report's Markdown and PNG;
+    otherwise run(args) and write <kind>-<checkpoint> reports, printing the Markdown up to `summary_until`."""
+    if args.render:
+        path = Path(args.render)
+        paths = write_reports(json.loads(path.read_text()), path.parent, path.stem, markdown, chart)
+    else:
+        try:
+            report = run(args)
+        except (ValueError, RuntimeError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        paths = write_reports(report, results_folder(args.device, args.out),
+                              args.name or f"{kind}-{report['checkpoint']['name']}", markdown, chart)
+        print(paths["md"].read_text().split(summary_until)[0])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

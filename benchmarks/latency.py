@@ -511,32 +511,14 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     return stacked_bars(path, f"NOVA latency per stage: {ck['name']}", subtitle, rows, [*STAGES, "other"])
 
 
-def write_reports(report: dict[str, Any], folder: Path, name: str) -> dict[str, Path]:
-    return common.write_reports(report, folder, name, markdown, chart)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    if args.render:
-        path = Path(args.render)
-        print("wrote " + ", ".join(str(p) for p in write_reports(json.loads(path.read_text()), path.parent, path.stem).values()))
-        return 0
-    if args.repetitions < 1 or args.warmup < 0 or args.threads < 1:
+    if not args.render and (args.repetitions < 1 or args.warmup < 0 or args.threads < 1):
         print("error: --repetitions and --threads must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
-    try:
-        report = run_benchmark(args)
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    folder = common.results_folder(args.device, args.out)
-    name = args.name or f"latency-{report['checkpoint']['name']}"
-    paths = write_reports(report, folder, name)
-    print(paths["md"].read_text().split("## Per stage")[0])
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return common.report_main(args, run_benchmark, markdown, chart, "latency", "## Per stage")
 
 
 if __name__ == "__main__":

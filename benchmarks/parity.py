@@ -516,28 +516,8 @@ def chart(report: dict[str, Any], path: Path) -> Path:
                      series, "latent frame", "max |latent - reference|")
 
 
-def write_reports(report: dict[str, Any], folder: Path, name: str) -> dict[str, Path]:
-    return common.write_reports(report, folder, name, markdown, chart)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.render:
-        import json
-
-        path = Path(args.render)
-        print("wrote " + ", ".join(str(p) for p in write_reports(json.loads(path.read_text()), path.parent, path.stem).values()))
-        return 0
-    try:
-        report = run_parity(args)
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    folder = common.results_folder(args.device, args.out)
-    paths = write_reports(report, folder, args.name or f"parity-{report['checkpoint']['name']}")
-    print(paths["md"].read_text().split("## Per graph")[0])
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return common.report_main(parser().parse_args(argv), run_parity, markdown, chart, "parity", "## Per graph")
 
 
 if __name__ == "__main__":

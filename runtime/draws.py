@@ -95,14 +95,15 @@ class ReplayDraws(RandomDraws):
 
 class NumpyDraws:
     """The fallback without torch: numpy PCG64 draws (float32, rounded to fp16 for fp16; numpy has no
-    bf16, so bf16 draws stay float32). Not the reference's numbers for the same seed."""
+    bf16, so bf16 draws stay float32). Not the reference's numbers for the same seed. `dtype` is a
+    precision name (there is no torch dtype without torch)."""
 
     def __init__(self, seed: int | None = None):
         self.rng = np.random.default_rng(seed)
 
     @staticmethod
     def _cast(values: np.ndarray, dtype: Any) -> np.ndarray:
-        return values.astype(np.float16) if str(dtype) in ("fp16", "torch.float16") else values
+        return values.astype(np.float16) if dtype == "fp16" else values
 
     def uniform(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return self._cast(self.rng.random(shape, dtype=np.float32), dtype)

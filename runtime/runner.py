@@ -307,13 +307,15 @@ class NOVARunner:
         return steps
 
     def _denoise_inputs(self, sampler, guidance_scale: float) -> list[dict]:
-        """The sampler inputs of every diffusion step, uploaded once per request."""
-        upload = self.backend.upload
+        """The sampler inputs of every diffusion step, uploaded once per request; `noise` is zeros here and
+        replaced by the step's draw where the sampler adds noise (DDPM at t > 0)."""
+        g, upload = self.geometry, self.backend.upload
         clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
         guidance = upload(np.array([guidance_scale], np.float32))
+        no_noise = upload(np.zeros((g.batch, g.max_tokens_per_step, g.token_dim), np.float32))
         timesteps, coefficients = sampler.timesteps, sampler.coefficients
         return [{"timestep": upload(timesteps[j:j + 1]), "coefficients": upload(coefficients[j]),
-                 "clip_range": clip, "guidance_scale": guidance} for j in range(len(timesteps))]
+                 "clip_range": clip, "guidance_scale": guidance, "noise": no_noise} for j in range(len(timesteps))]
 
     def _frame(self, indicator, mask_steps: list[_MaskStep], denoise_steps: list[dict], sampler, draws, draw_dtype,
                batch: int, timer: _Timer, bar) -> np.ndarray:
@@ -328,10 +330,11 @@ class NOVARunner:
                 z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
             x = backend.upload(rows)
             for j, inputs in enumerate(denoise_steps):
-                noise = _gather_rows(draws.normal(shape, draw_dtype), step.selected, g) if sampler.draws_noise(j) \
-                    else np.zeros_like(rows)
+                feeds = {**inputs, "x": x, "z_selected": z}
+                if sampler.draws_noise(j):
+                    feeds["noise"] = backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))
                 with timer.stage("denoise"):
-                    x = run("denoise", {"x": x, "z_selected": z, "noise": backend.upload(noise), **inputs})["x_next"]
+                    x = run("denoise", feeds)["x_next"]
             with timer.stage("denoise"):
                 canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
             bar.update(1)

@@ -21,7 +21,6 @@ the schedule and are not repeated here are refused.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -91,8 +90,10 @@ def checked_config(config: Mapping[str, Any], source: str = "scheduler config") 
 
 def scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
     """`scheduler_config.json` of folder, checked and completed by `checked_config` (no torch, no diffusers)."""
+    from runtime.configs import read_json
+
     path = Path(folder) / "scheduler_config.json"
-    return checked_config(json.loads(path.read_text()), str(path))
+    return checked_config(read_json(path), str(path))
 
 
 def load_scheduler(folder: str | os.PathLike):
