@@ -75,36 +75,6 @@ def test_output_buffers_alternate_and_are_allocated_once():
     assert len(made) == 6
 
 
-def test_tensorrt_device_memory_reuses_freed_allocations():
-    """The TensorRT backend's allocator logic, over a recording stand-in for cuda-python's runtime (the
-    backend itself needs a GPU and TensorRT, absent here)."""
-    from runtime.backends.tensorrt_backend import DeviceArray, DeviceMemory
-
-    class Driver:
-        def __init__(self):
-            self.malloc, self.freed, self.next = [], [], 4096
-
-        def cudaMalloc(self, nbytes):
-            self.next += 4096
-            self.malloc.append(nbytes)
-            return 0, self.next
-
-        def cudaFree(self, ptr):
-            self.freed.append(ptr)
-            return (0,)
-
-    driver = Driver()
-    memory = DeviceMemory(driver)
-    noise = DeviceArray(memory, (2, 16), np.float32)
-    first = noise.ptr
-    del noise  # a per-call upload dropped after its launch
-    again = DeviceArray(memory, (4, 8), np.float32)  # same size: the same memory, no new cudaMalloc
-    other = DeviceArray(memory, (3,), np.int64)
-    assert again.ptr == first and driver.malloc == [128, 24] and driver.freed == []
-    del again, other, memory
-    assert sorted(driver.freed) == sorted([first, first + 4096])  # all freed when the backend goes
-
-
 def test_onnxruntime_outputs_are_preallocated_and_reused(t2i_engines):
     runner = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
     options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=3)

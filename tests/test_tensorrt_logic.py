@@ -1,0 +1,120 @@
+"""The TensorRT backend's host-side logic (allocator, input staging, CUDA-graph capture) over a
+recording stand-in for cuda-python's runtime. The backend itself needs a GPU and TensorRT, absent
+here; these tests check what it asks of the driver, not that the driver does it."""
+
+import types
+
+import numpy as np
+import pytest
+
+from runtime.backends.tensorrt_backend import CudaGraphs, DeviceArray, DeviceMemory, InputStaging
+
+
+class Driver:
+    """Records cudaMalloc / cudaFree and the graph-capture calls; each call returns (error, *values)."""
+
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal="thread-local")
+
+    def __init__(self, fail_capture: bool = False):
+        self.malloc, self.freed, self.calls, self.next = [], [], [], 4096
+        self.fail_capture, self.capturing = fail_capture, False
+
+    def cudaMalloc(self, nbytes):
+        self.next += 4096
+        self.malloc.append(nbytes)
+        return 0, self.next
+
+    def cudaFree(self, ptr):
+        self.freed.append(ptr)
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        assert mode == "thread-local" and not self.capturing
+        self.capturing = True
+        self.calls.append("begin")
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        self.capturing = False
+        self.calls.append("end")
+        return (901 if self.fail_capture else 0), "recorded"
+
+    def cudaGraphInstantiate(self, graph, flags):
+        self.calls.append("instantiate")
+        return 0, f"exec{len([c for c in self.calls if c == 'instantiate'])}"
+
+    def cudaGraphDestroy(self, graph):
+        return (0,)
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        self.calls.append(f"launch {graph_exec}")
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        self.calls.append(f"destroy {graph_exec}")
+        return (0,)
+
+
+def test_device_memory_reuses_freed_allocations():
+    driver = Driver()
+    memory = DeviceMemory(driver)
+    noise = DeviceArray(memory, (2, 16), np.float32)
+    first = noise.ptr
+    del noise  # a per-call upload dropped after its launch
+    again = DeviceArray(memory, (4, 8), np.float32)  # same size: the same memory, no new cudaMalloc
+    other = DeviceArray(memory, (3,), np.int64)
+    assert again.ptr == first and driver.malloc == [128, 24] and driver.freed == []
+    assert again.serial != DeviceArray(memory, (1,), np.int8).serial  # same memory, new content: new serial
+    del again, other, memory
+    assert sorted(driver.freed) == sorted([first, first + 4096, first + 8192])  # all freed when the backend goes
+
+
+def test_input_staging_binds_fixed_addresses_and_copies_only_new_content():
+    memory = DeviceMemory(Driver())
+    copies = []
+    staging = InputStaging(memory, lambda target, source: copies.append((target.ptr, getattr(source, "ptr", "host"))))
+    guidance = DeviceArray(memory, (1,), np.float32)  # a per-request constant, uploaded once
+    rows = [DeviceArray(memory, (6,), np.float32) for _ in range(3)]  # a sampler row per step
+    z = DeviceArray(memory, (2, 4, 8), np.float32, graph_output=True)  # another graph's output buffer
+    bound = [{"guidance_scale": staging.bind("guidance_scale", guidance), "coefficients": staging.bind("coefficients", row),
+              "z_selected": staging.bind("z_selected", z), "noise": staging.bind("noise", np.zeros((2, 3), np.float32))}
+             for row in rows]
+    assert all(b["z_selected"] is z for b in bound)  # output buffers are bound in place
+    for name in ("guidance_scale", "coefficients", "noise"):
+        assert len({b[name].ptr for b in bound}) == 1 and bound[0][name].ptr != guidance.ptr  # one staging buffer
+    target = {name: bound[0][name].ptr for name in ("guidance_scale", "coefficients", "noise")}
+    assert copies.count((target["guidance_scale"], guidance.ptr)) == 1  # unchanged content: copied once
+    assert [c for c in copies if c[0] == target["coefficients"]] == [(target["coefficients"], r.ptr) for r in rows]
+    assert copies.count((target["noise"], "host")) == 3  # host arrays: copied every call
+    with pytest.raises(ValueError, match=r"input noise: float32\[2, 4\] where the engine takes float32\[2, 3\]"):
+        staging.bind("noise", np.zeros((2, 4), np.float32))
+
+
+def test_cuda_graphs_capture_each_address_set_once_then_replay():
+    driver, enqueued = Driver(), []
+    graphs = CudaGraphs(driver, stream="s")
+    for addresses in [(1, 2), (1, 2), (1, 3), (1, 2), (1, 3)]:
+        graphs.launch("denoise", addresses, lambda: enqueued.append(driver.capturing))
+    # first launch of each address set: eager (the result), then captured (recorded, not run); then replays
+    assert enqueued == [False, True, False, True]
+    assert driver.calls == ["begin", "end", "instantiate", "launch exec1",
+                            "begin", "end", "instantiate", "launch exec1", "launch exec2"]
+    del graphs
+    assert driver.calls[-2:] == ["destroy exec1", "destroy exec2"]
+
+
+def test_a_graph_whose_capture_fails_runs_eagerly_from_then_on(caplog):
+    driver, enqueued = Driver(fail_capture=True), []
+    graphs = CudaGraphs(driver, stream="s")
+    for _ in range(3):
+        graphs.launch("temporal_step", (7,), lambda: enqueued.append(driver.capturing))
+    assert enqueued == [False, True, False, False]  # one failed capture, every call still runs
+    assert driver.calls == ["begin", "end"] and "temporal_step: CUDA graph capture failed" in caplog.text
+
+    def broken():
+        if driver.capturing:
+            raise RuntimeError("TensorRT failed to run place")
+
+    driver.fail_capture = False
+    graphs.launch("place", (8,), broken)  # an enqueue that fails under capture: capture ended, eager after
+    assert driver.calls[-2:] == ["begin", "end"] and "place" in graphs.eager and not driver.capturing
