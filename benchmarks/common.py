@@ -289,6 +289,16 @@ def _json_default(value):
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
+def markdown_header(title: str, report: dict) -> list[str]:
+    """A report's first lines: title, then when, at which commit, by which command, with which versions."""
+    env = report["environment"]
+    return [f"# {title}: {report['checkpoint']['name']} on {env['device_name']}", "",
+            f"- date: {env['date']}; git commit `{env['git_commit']}`"
+            + (f" (modified: {', '.join(env['git_modified_files'])})" if env.get("git_modified_files") else ""),
+            f"- command: `{env['command']}`",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())]
+
+
 def write_reports(report: dict, folder: Path, name: str, markdown, chart) -> dict[str, Path]:
     """A report as <name>.json, <name>.md (markdown(report)) and <name>.png (chart(report, path))."""
     folder.mkdir(parents=True, exist_ok=True)

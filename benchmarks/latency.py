@@ -399,11 +399,7 @@ def _flops(value: float) -> str:
 def markdown(report: dict[str, Any]) -> str:
     env, settings, ck = report["environment"], report["settings"], report["checkpoint"]
     cuda = env["device"].startswith("cuda")
-    lines = [f"# Latency: {ck['name']} on {env['device_name']}", "",
-             f"- date: {env['date']}; git commit `{env['git_commit']}`"
-             + (f" (modified: {', '.join(env['git_modified_files'])})" if env.get("git_modified_files") else ""),
-             f"- command: `{env['command']}`",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+    lines = [*common.markdown_header("Latency", report),
              f"- load average (1/5/15 min) at start {env['load_average_at_start']}, at end "
              f"{env.get('load_average_at_end')}; {env['logical_cpus']} logical CPUs, {settings['threads']} thread(s) "
              f"per target",

@@ -437,11 +437,7 @@ def _db(value) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     env, s, ck = report["environment"], report["settings"], report["checkpoint"]
-    lines = [f"# Parity: {ck['name']} on {env['device_name']}", "",
-             f"- date: {env['date']}; git commit `{env['git_commit']}`"
-             + (f" (modified: {', '.join(env['git_modified_files'])})" if env.get("git_modified_files") else ""),
-             f"- command: `{env['command']}`",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+    lines = [*common.markdown_header("Parity", report),
              f"- request: 1 prompt, {s['num_inference_steps']} mask steps x {s['num_diffusion_steps']} diffusion steps, "
              f"{s['max_latent_length']} latent frame(s), guidance {s['guidance_scale']:g}, seed {s['seed']}",
              f"- baseline: {s['baseline']}, replaying each target's own random draws (16-bit targets draw 16-bit "
