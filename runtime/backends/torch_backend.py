@@ -1,4 +1,9 @@
-"""The graphs' PyTorch modules as a backend (eager, CPU or CUDA): parity baseline of the exports."""
+"""The graphs' PyTorch modules as a backend (eager, CPU or CUDA): parity baseline of the exports.
+
+Outputs are the modules' own tensors, not `OutputBuffers`: they stay valid for as long as they are
+held (more than the interface promises), and on CUDA torch's caching allocator hands freed blocks
+back without cudaMalloc. Fixed buffers would only add a copy per output here; they pay off where a
+launch is replayed at fixed addresses (the TensorRT backend's CUDA graphs)."""
 
 from __future__ import annotations
 
