@@ -23,3 +23,27 @@ def t2i_pipe(tiny_t2i):
     from runtime.reference import ReferencePipeline
 
     return ReferencePipeline.from_pretrained(tiny_t2i)
+
+
+def _engine_folder(checkpoint, out, profile):
+    """An fp32 ONNX Runtime engine folder, as export/build_engines.py writes it."""
+    from export.build import BuildOptions, build
+
+    build(BuildOptions(checkpoint=checkpoint, out=out, precision="fp32", profile=profile, progress=False),
+          report=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def t2i_engines(tiny_t2i, tmp_path_factory):
+    from runtime.graphs.profile import BuildProfile
+
+    return _engine_folder(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i", BuildProfile(min_mask_steps=8))
+
+
+@pytest.fixture(scope="session")
+def t2v_engines(tiny_t2v, tmp_path_factory):
+    from runtime.graphs.profile import BuildProfile
+
+    return _engine_folder(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v",
+                          BuildProfile(min_mask_steps=4, max_latent_length=5))

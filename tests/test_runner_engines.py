@@ -15,23 +15,6 @@ from runtime.runner import NOVARunner
 from tests.test_runner import assert_parity
 
 
-def _build(checkpoint, out, profile):
-    build(BuildOptions(checkpoint=checkpoint, out=out, precision="fp32", profile=profile, progress=False),
-          report=lambda message: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def t2i_engines(tiny_t2i, tmp_path_factory):
-    return _build(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i", BuildProfile(min_mask_steps=8))
-
-
-@pytest.fixture(scope="module")
-def t2v_engines(tiny_t2v, tmp_path_factory):
-    return _build(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v",
-                  BuildProfile(min_mask_steps=4, max_latent_length=5))
-
-
 def test_onnxruntime_text_to_image_matches_reference(t2i_engines, t2i_pipe):
     runner = NOVARunner.from_engines(t2i_engines)  # auto: no TensorRT here -> ONNX Runtime
     assert runner.backend.name == "onnxruntime"

@@ -118,3 +118,45 @@ def test_a_graph_whose_capture_fails_runs_eagerly_from_then_on(caplog):
     driver.fail_capture = False
     graphs.launch("place", (8,), broken)  # an enqueue that fails under capture: capture ended, eager after
     assert driver.calls[-2:] == ["begin", "end"] and "place" in graphs.eager and not driver.capturing
+
+
+def test_tensorrt_backend_on_a_simulated_gpu_computes_what_onnxruntime_does(t2i_engines, tmp_path, monkeypatch):
+    """The whole backend under the runner: bindings, staging, output turns, CUDA-graph capture and replay
+    (tests/simulated_gpu.py runs each plan's ONNX graph in ONNX Runtime at the bound addresses)."""
+    import json
+
+    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from runtime.configs import CheckpointConfigs
+    from runtime.graphs.profile import BuildProfile
+    from runtime.runner import NOVARunner
+    from runtime.schedules import mask_schedule
+    from tests import simulated_gpu
+
+    monkeypatch.setenv("NOVA_ORT_THREADS", "1")  # both sides on one thread: the same rounding
+    manifest = json.loads((t2i_engines / "manifest.json").read_text())
+    components = {name: manifest["components"][name] for name in manifest["graph_order"]}
+    onnx_files = {name: t2i_engines / next(a["file"] for a in c["artifacts"] if a["file"].endswith(".onnx"))
+                  for name, c in components.items()}
+    gpu = simulated_gpu.install(monkeypatch)
+    backend = TensorRTBackend(simulated_gpu.plans(onnx_files, tmp_path / "plans"), "cuda")
+    runner = NOVARunner(backend, CheckpointConfigs.read(t2i_engines / "configs"), BuildProfile(**manifest["profile"]),
+                        {name: c["declaration"] for name, c in components.items()})
+    expected = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
+    options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=4, negative_prompt="blurry")
+
+    first = runner("a lighthouse", **options)
+    theirs = expected("a lighthouse", **options)
+    assert np.array_equal(first.latents, theirs.latents) and np.array_equal(first.images, theirs.images)
+    assert {graph for graph, _ in backend.cuda_graphs.execs} == {"temporal_prefill", "denoise", "place", "vae_decoder"}
+    assert gpu.counts["graph_launch"] > 0
+
+    mallocs = gpu.mallocs
+    for _ in range(2):  # graphs run once per request alternate output sets: steady from the second request on
+        counts = dict(gpu.counts)
+        again = runner("a lighthouse", **options)
+        assert np.array_equal(again.latents, first.latents) and np.array_equal(again.images, first.images)
+    assert gpu.mallocs == mallocs  # buffers and staging are permanent, uploads reuse the first request's memory
+    steps = len(mask_schedule(runner.geometry.num_tokens, 8))
+    launches = {key: gpu.counts[key] - counts[key] for key in counts}
+    assert launches["capture"] == 0 and launches["graph_launch"] == 2 + steps * (4 + 1)  # prefill, vae; denoise, place
+    assert launches["execute"] - launches["graph_launch"] == 1 + steps  # eager: the text encoder, spatial per step

@@ -18,8 +18,9 @@ graph and replayed from then on (`CudaGraphs`): the 25 denoise launches of a mas
 launch each plus the copies of the inputs that changed (the step's sampler row, its noise).
 
 Status: written against the documented API; NOT executed anywhere yet (TensorRT cannot be installed
-on the machines this project was developed on). Its tests skip with that reason; the allocator,
-staging and capture logic are tested against a recording stand-in for the CUDA runtime.
+on the machines this project was developed on). Its tests skip with that reason. Its logic (bindings,
+staging, buffer turns, capture and replay, allocation) runs in CI on a simulated GPU
+(tests/simulated_gpu.py), which cannot show asynchrony problems or TensorRT's own behaviour.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def _check(result):
 class DeviceMemory:
     """cudaMalloc with a free list by size: an array's memory goes back to the list when the array is
     garbage, and the next array of that size takes it. Per-call uploads (each diffusion step's noise)
-    then cost no cudaMalloc / cudaFree (which synchronizes the device) after the first request."""
+    then cost no cudaMalloc / cudaFree (which synchronizes the device) after the first request.
+    Buffers that live as long as the backend (outputs, staging, activations) are allocated fresh, so
+    they never take memory that a later request's uploads would reuse."""
 
     def __init__(self, cudart):
         self.cudart, self.free = cudart, {}
 
-    def take(self, nbytes: int) -> int:
-        spare = self.free.get(nbytes)
+    def take(self, nbytes: int, reuse: bool = True) -> int:
+        spare = self.free.get(nbytes) if reuse else None
         return spare.pop() if spare else _check(self.cudart.cudaMalloc(max(nbytes, 1)))
 
     def give(self, ptr: int, nbytes: int) -> None:
@@ -79,13 +82,14 @@ _serials = itertools.count(1)
 
 class DeviceArray:
     """A CUDA allocation holding one array. `graph_output`: an output buffer, rewritten by its graph
-    and bound in place; every other array is written once, by its upload, so its serial number
-    identifies its content."""
+    and bound in place; an upload is written once, so its serial number identifies its content.
+    `permanent`: lives as long as the backend (outputs, staging, activations)."""
 
-    def __init__(self, memory: DeviceMemory, shape: tuple[int, ...], dtype: np.dtype, graph_output: bool = False):
+    def __init__(self, memory: DeviceMemory, shape: tuple[int, ...], dtype: np.dtype, graph_output: bool = False,
+                 permanent: bool = False):
         self.memory, self.shape, self.dtype = memory, tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.ptr = memory.take(self.nbytes)
+        self.ptr = memory.take(self.nbytes, reuse=not (permanent or graph_output))
         self.graph_output, self.serial = graph_output, next(_serials)
 
     def __del__(self):
@@ -111,7 +115,7 @@ class InputStaging:
             value = np.ascontiguousarray(value)
         buffer = self.buffers.get(name)
         if buffer is None:
-            buffer = self.buffers[name] = DeviceArray(self.memory, value.shape, value.dtype)
+            buffer = self.buffers[name] = DeviceArray(self.memory, value.shape, value.dtype, permanent=True)
         if (buffer.shape, buffer.dtype) != (tuple(value.shape), np.dtype(value.dtype)):
             raise ValueError(f"input {name}: {value.dtype}{list(value.shape)} where the engine takes "
                              f"{buffer.dtype}{list(buffer.shape)}")
@@ -198,7 +202,7 @@ class TensorRTBackend(Backend):
         # captured CUDA graphs replay.
         self.memory = DeviceMemory(cudart)
         self.activations = DeviceArray(self.memory, (max(e.device_memory_size_v2 for e in self.engines.values()),),
-                                       np.uint8)
+                                       np.uint8, permanent=True)
         for context in self.contexts.values():
             context.set_device_memory(self.activations.ptr, self.activations.nbytes)
         self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(self.memory, shape, dtype, graph_output=True))
