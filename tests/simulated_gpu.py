@@ -1,16 +1,18 @@
-"""A simulated GPU for the TensorRT backend: just enough of `tensorrt` and cuda-python's runtime, in
-host memory, to run `runtime.backends.tensorrt_backend` under the runner where neither exists.
+"""A simulated GPU: just enough of `tensorrt` (builder and runtime) and cuda-python's runtime, in host
+memory, to run export/tensorrt_build.py and `runtime.backends.tensorrt_backend` where neither exists.
 
+- Building records the builder calls (flags, profile shapes, timing cache) and writes a "plan" that
+  names the ONNX graph it parsed.
 - Device memory is host memory: cudaMalloc returns the address of a fresh numpy buffer, cudaFree drops
   it, and reading or writing an address that is not a live allocation fails.
-- A "plan" is a text file naming an exported ONNX graph; an engine runs it in ONNX Runtime (CPU, one
-  thread), reading its inputs from and writing its outputs to the addresses bound on its context.
+- An engine runs its plan's ONNX graph in ONNX Runtime (CPU, one thread), reading its inputs from and
+  writing its outputs to the addresses bound on its context.
 - The stream runs each operation when it is queued, except under capture: then operations are recorded
   with the addresses bound at that moment, and a launched graph replays the recording, as CUDA graphs do.
 
-What it checks: names, shapes, dtypes, addresses, staging, buffer turns and capture keys, i.e. that the
-backend's bindings compute what the ONNX Runtime backend computes. What it cannot check: asynchrony (the
-simulated stream is synchronous), TensorRT's own kernels and CUDA's behaviour.
+What it checks: our calls, names, shapes, dtypes, addresses, staging, buffer turns and capture keys,
+i.e. that the backend's bindings compute what the ONNX Runtime backend computes. What it cannot check:
+asynchrony (the simulated stream is synchronous), TensorRT's parser, tactics and kernels, CUDA itself.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class SimulatedGPU:
         self.mallocs = 0
         self.recording: list | None = None
         self.counts = {"execute": 0, "graph_launch": 0, "capture": 0}
+        self.capability = (9, 0)
+        self.build_calls: list[tuple] = []
+
+    def cudaGetDeviceProperties(self, index: int):
+        return 0, types.SimpleNamespace(major=self.capability[0], minor=self.capability[1])
 
     # memory
     def cudaMalloc(self, nbytes: int):
@@ -181,22 +188,108 @@ class _Context:
         return True
 
 
+class _Network:
+    onnx_path: str | None = None
+
+
+class _Parser:
+    num_errors = 0
+
+    def __init__(self, network: _Network, logger):
+        self.network = network
+
+    def parse_from_file(self, path: str) -> bool:
+        self.network.onnx_path = str(Path(path).resolve())
+        _GPU.build_calls.append(("parse_from_file", Path(path).name, Path(path + ".data").exists()))
+        return True
+
+
+class _Profile:
+    def set_shape(self, name, low, opt, high):
+        _GPU.build_calls.append(("set_shape", name, tuple(low), tuple(opt), tuple(high)))
+
+
+class _TimingCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data + b"+"
+
+
+class _BuilderConfig:
+    def __init__(self):
+        self.cache = self.builder_optimization_level = self.progress_monitor = None
+
+    def set_memory_pool_limit(self, pool, size):
+        _GPU.build_calls.append(("workspace", size))
+
+    def clear_flag(self, flag):
+        _GPU.build_calls.append(("clear_flag", flag))
+
+    def add_optimization_profile(self, profile):
+        _GPU.build_calls.append(("add_optimization_profile",))
+
+    def create_timing_cache(self, data):
+        return _TimingCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.cache = cache
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+class _Builder:
+    def __init__(self, logger):
+        pass
+
+    def create_network(self, flags):
+        _GPU.build_calls.append(("create_network", flags))
+        return _Network()
+
+    def create_builder_config(self):
+        return _BuilderConfig()
+
+    def create_optimization_profile(self):
+        return _Profile()
+
+    def build_serialized_network(self, network: _Network, config: _BuilderConfig) -> bytes:
+        monitor = config.progress_monitor
+        monitor.phase_start("Building", None, 2)
+        assert monitor.step_complete("Building", 1) is True
+        monitor.phase_finish("Building")
+        return network.onnx_path.encode()  # the simulated plan: which graph to run
+
+
+_GPU: SimulatedGPU  # the installed simulation (the builder records into it)
+
+
 def install(monkeypatch) -> SimulatedGPU:
     """Make `import tensorrt` and `from cuda.bindings import runtime` give the simulation."""
     import onnxruntime as ort
 
-    gpu = SimulatedGPU()
+    global _GPU
+    gpu = _GPU = SimulatedGPU()
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.log_severity_level = 1, 3
 
-    def deserialize(blob: bytes):
-        return _Engine(ort.InferenceSession(blob.decode(), options, providers=["CPUExecutionProvider"]), gpu)
+    def deserialize(blob: bytes):  # None for what is not a simulated plan, as TensorRT refuses a foreign plan
+        path = Path(blob.decode(errors="replace"))
+        if not path.is_absolute() or not path.is_file():
+            return None
+        return _Engine(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), gpu)
 
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "simulated"
+    trt.__version__ = "10.99.0-simulated"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user-managed")
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Logger = type("Logger", (), {"WARNING": 1, "ERROR": 2, "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = _Builder, _Parser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
+    trt.IProgressMonitor = type("IProgressMonitor", (), {"__init__": lambda self: None})
     trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
                                        "deserialize_cuda_engine": lambda self, blob: deserialize(blob)})
     trt.nptype = np.dtype
@@ -206,12 +299,3 @@ def install(monkeypatch) -> SimulatedGPU:
         monkeypatch.setitem(sys.modules, name, module)
     return gpu
 
-
-def plans(onnx_files: dict[str, Path], folder: Path) -> dict[str, Path]:
-    """A simulated plan per graph: a file naming its ONNX graph."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, path in onnx_files.items():
-        out[name] = folder / f"{name}.plan"
-        out[name].write_text(str(Path(path).resolve()))
-    return out

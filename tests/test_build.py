@@ -21,6 +21,7 @@ from export import tensorrt_build
 from export.build import BuildError, BuildOptions, Builder, format_table
 from export.validate import ValidationError
 from runtime.graphs import BuildProfile, Checkpoint, build_specs
+from tests import simulated_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("spatial", "denoise", "place", "vae_decoder")
@@ -318,111 +319,15 @@ def test_engine_of_another_tensorrt_version_is_rebuilt(tiny_t2i, tmp_path, monke
     assert rows["place"].status == "rebuilt" and "TensorRT version changed" in rows["place"].why
 
 
-class _FakeTensorRT:
-    """Just enough of the TensorRT 10/11 Python API to drive export/tensorrt_build.py's calls (this checks
-    our plumbing: flags, profile shapes, timing cache, atomic plan; not TensorRT itself)."""
-
-    __version__ = "10.99.0-fake"
-
-    class Logger:
-        WARNING, ERROR = 1, 2
-
-        def __init__(self, severity):
-            pass
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 5
-
-    class MemoryPoolType:
-        WORKSPACE = "workspace"
-
-    class BuilderFlag:
-        TF32 = "tf32"
-
-    class IProgressMonitor:
-        def __init__(self):
-            pass
-
-    calls: list = []
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            _FakeTensorRT.calls.append(("parse_from_file", Path(path).name, Path(path + ".data").exists()))
-            return True
-
-    class _Profile:
-        def set_shape(self, name, low, opt, high):
-            _FakeTensorRT.calls.append(("set_shape", name, tuple(low), tuple(opt), tuple(high)))
-
-    class _Cache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return self.data + b"+"
-
-    class _Config:
-        def __init__(self):
-            self.cache = None
-            self.builder_optimization_level = None
-            self.progress_monitor = None
-
-        def set_memory_pool_limit(self, pool, size):
-            _FakeTensorRT.calls.append(("workspace", size))
-
-        def clear_flag(self, flag):
-            _FakeTensorRT.calls.append(("clear_flag", flag))
-
-        def add_optimization_profile(self, profile):
-            _FakeTensorRT.calls.append(("add_optimization_profile",))
-
-        def create_timing_cache(self, data):
-            return _FakeTensorRT._Cache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            _FakeTensorRT.calls.append(("create_network", flags))
-            return object()
-
-        def create_builder_config(self):
-            return _FakeTensorRT._Config()
-
-        def create_optimization_profile(self):
-            return _FakeTensorRT._Profile()
-
-        def build_serialized_network(self, network, config):
-            monitor = config.progress_monitor
-            monitor.phase_start("Building", None, 2)
-            assert monitor.step_complete("Building", 1) is True
-            monitor.phase_finish("Building")
-            return b"PLAN"
-
-
-def test_tensorrt_build_plumbing_against_a_fake_tensorrt_module(tiny_t2i, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT)
-    monkeypatch.setattr(tensorrt_build, "gpu_compute_capability", lambda: "9.0")
-    _FakeTensorRT.calls = []
+def test_tensorrt_build_plumbing_on_a_simulated_gpu(tiny_t2i, tmp_path, monkeypatch):
+    gpu = simulated_gpu.install(monkeypatch)  # records the builder calls; a plan names its ONNX graph
     out = tmp_path / "trt"
     profile = BuildProfile(prompts=2, min_mask_steps=4)
     rows, messages = _build(tiny_t2i, out, backend="auto", only=("text_encoder", "place"), profile=profile,
                             validate=False)
-    assert (out / "place.plan").read_bytes() == b"PLAN" and (out / "text_encoder.plan").exists()
+    assert (out / "place.plan").read_text() == str((out / "place.onnx").resolve()) and (out / "text_encoder.plan").exists()
     assert (out / tensorrt_build.TIMING_CACHE_NAME).read_bytes() == b"++"  # loaded, then saved after each build
-    calls = _FakeTensorRT.calls
+    calls = gpu.build_calls
     assert ("create_network", 1 << 5) in calls  # STRONGLY_TYPED
     assert ("parse_from_file", "text_encoder.onnx", True) in calls  # path form: external data beside it
     assert ("set_shape", "input_ids", (1, 256), (4, 256), (4, 256)) in calls
@@ -430,10 +335,10 @@ def test_tensorrt_build_plumbing_against_a_fake_tensorrt_module(tiny_t2i, tmp_pa
     assert any("Building (2 steps)" in m for m in messages)
     manifest = mf.verify_folder(out, backend="tensorrt")
     engine = manifest["components"]["place"]["engine"]
-    assert engine["parts"]["tensorrt"] == "10.99.0-fake" and engine["parts"]["gpu"] == "9.0"
+    assert engine["parts"]["tensorrt"] == "10.99.0-simulated" and engine["parts"]["gpu"] == "9.0"
     # same version and GPU: reused; another GPU: rebuilt, with the reason
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", only=("place",), profile=profile, validate=False)
     assert rows["place"].status == "reused"
-    monkeypatch.setattr(tensorrt_build, "gpu_compute_capability", lambda: "8.9")
+    gpu.capability = (8, 9)
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", only=("place",), profile=profile, validate=False)
     assert rows["place"].status == "rebuilt" and "GPU compute capability changed (9.0 -> 8.9)" in rows["place"].why
