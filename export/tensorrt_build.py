@@ -145,9 +145,10 @@ def build_engine(spec: GraphSpec, onnx_path: Path, plan_path: Path, timing_cache
             profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(profile)
 
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):  # corrupt, other GPU or version
+        report(f"{timing_cache.name} does not fit this GPU and TensorRT version: starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -155,7 +156,9 @@ def build_engine(spec: GraphSpec, onnx_path: Path, plan_path: Path, timing_cache
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
     seconds = time.perf_counter() - start
     atomic_write_bytes(plan_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    if cache is not None:
+        atomic_write_bytes(timing_cache, bytes(cache.serialize()))
     return {"tensorrt": version, "build_seconds": round(seconds, 3)}
 
 

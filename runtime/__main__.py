@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "runtime over an engine folder.")
     gen.add_argument("--engines", required=True, help="engine folder written by export/build_engines.py")
     gen.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
-                     help="auto: TensorRT where the folder has engines and TensorRT is installed, else ONNX Runtime")
-    gen.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (default cpu)")
+                     help="auto: TensorRT where the folder has engines, TensorRT is installed and the device is not cpu; "
+                          "else ONNX Runtime")
+    gen.add_argument("--device", help="cpu, or cuda / cuda:N (default: cuda for TensorRT, else cpu)")
     _add_generation_options(gen)
     ref = commands.add_parser("reference", help="generate with the eager PyTorch reference pipeline",
                               description="Generate an image (PNG) or a video (mp4 + PNG strip) with the "

@@ -13,8 +13,10 @@ then feeds device arrays to a graph and hands its outputs to the next one:
 The loops are identical for every backend (torch, onnxruntime, tensorrt), so they are tested on CPU.
 With the same seed the random draws equal the reference pipeline's (torch.Generator; the draws
 follow the official order), so runner and reference agree to rounding. Over an engine folder with
-the tensorrt or onnxruntime backend the runner imports neither torch nor the other backend's
-library; without torch installed, seeds draw from numpy instead (`runtime.draws.NumpyDraws`).
+the tensorrt or onnxruntime backend the runner needs neither torch nor the other backend's library.
+Where torch is installed it is still used for the draws (torch.Generator, the reference's numbers)
+and the sampler table (torch's float32 sqrt and linspace, as diffusers computes them); without it,
+seeds draw from numpy instead (`runtime.draws.NumpyDraws`).
 """
 
 from __future__ import annotations
@@ -115,12 +117,13 @@ class NOVARunner:
                    {name: spec.describe() for name, spec in specs.items()})
 
     @classmethod
-    def from_engines(cls, folder: str | Path, backend: str = "auto", device: str = "cpu") -> "NOVARunner":
+    def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None) -> "NOVARunner":
         """Load an engine folder built by `export/build_engines.py`.
 
-        backend: "auto" (TensorRT if the folder has engines and TensorRT is importable, else ONNX Runtime),
-        "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules, weights from the checkpoint the
-        folder was built from). Every artifact is checked against the manifest (size and sha256) before
+        backend: "auto" (TensorRT if the folder has engines, TensorRT is importable and the device is not
+        "cpu"; else ONNX Runtime), "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules,
+        weights from the checkpoint the folder was built from). device: "cpu", "cuda" or "cuda:N"; by
+        default "cuda" for TensorRT and "cpu" for the others. Every artifact is checked against the manifest (size and sha256) before
         use; a missing, partial, edited or mismatched folder is refused with a message that says what to
         rebuild. The folder is self-contained for tensorrt and onnxruntime: configs and tokenizer are
         read from its configs/ copy, and neither torch nor the checkpoint is needed.
@@ -132,7 +135,9 @@ class NOVARunner:
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
         if backend == "auto":
-            backend = "tensorrt" if _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
+            on_gpu = device is None or device.startswith("cuda")
+            backend = "tensorrt" if on_gpu and _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
+        device = device or ("cuda" if backend == "tensorrt" else "cpu")
         try:
             manifest = verify_folder(folder, "tensorrt" if backend == "tensorrt" else None)
             configs = CheckpointConfigs.read(folder / CONFIGS_DIR)
@@ -187,7 +192,7 @@ class NOVARunner:
                draws: RandomDraws | NumpyDraws | None = None, **options) -> Iterator[np.ndarray]:
         """Yield decoded pixels as soon as they exist: the images, or each window of video frames
         ([B, T_window, H, W, 3]: 17 frames for the first window of 5 latents, 16 for each later one).
-        Takes the options of `__call__`."""
+        Takes the options of `__call__` except `return_timings` and `progress`."""
         unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
         if unknown:
             raise TypeError(f"unknown options: {', '.join(unknown)}")
@@ -418,9 +423,11 @@ def _has_engines(folder: Path) -> bool:
 
 
 def _tensorrt_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _embed_row(embeds, g: Geometry) -> tuple[np.ndarray, int]:

@@ -74,8 +74,14 @@ class SimulatedGPU:
     def cudaSetDevice(self, index: int):
         return (0,)
 
-    def cudaStreamCreate(self):
-        return 0, "stream"
+    cudaStreamNonBlocking = 1
+
+    def cudaStreamCreateWithFlags(self, flags: int):
+        assert flags == self.cudaStreamNonBlocking
+        return 0, 7  # the stream handle
+
+    def cudaGetLastError(self):
+        return (0,)
 
     def cudaStreamSynchronize(self, stream):
         assert self.recording is None, "synchronize under capture"
@@ -166,7 +172,8 @@ class _Context:
         self.addresses[name] = ptr
         return True
 
-    def execute_async_v3(self, stream) -> bool:
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        assert isinstance(stream_handle, int), "TensorRT takes the stream as an integer handle"
         engine, gpu = self.engine, self.engine.gpu
         assert self.memory is not None and set(self.addresses) == set(engine.names), "unbound tensors"
         bound = {name: (self.addresses[name], self.get_tensor_shape(name), engine.get_tensor_dtype(name))
@@ -231,10 +238,11 @@ class _BuilderConfig:
         _GPU.build_calls.append(("add_optimization_profile",))
 
     def create_timing_cache(self, data):
-        return _TimingCache(bytes(data))
+        return None if bytes(data).startswith(b"corrupt") else _TimingCache(bytes(data))
 
     def set_timing_cache(self, cache, ignore_mismatch):
         self.cache = cache
+        return True
 
     def get_timing_cache(self):
         return self.cache
@@ -293,6 +301,7 @@ def install(monkeypatch) -> SimulatedGPU:
     trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
                                        "deserialize_cuda_engine": lambda self, blob: deserialize(blob)})
     trt.nptype = np.dtype
+    trt.DataType = types.SimpleNamespace(BF16="bf16")  # ONNX Runtime on a CPU runs no bf16 graphs: never returned
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, gpu
     for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", gpu)):

@@ -318,6 +318,11 @@ def test_tensorrt_build_plumbing_on_a_simulated_gpu(tiny_t2i, tmp_path, monkeypa
                             validate=False)
     assert (out / "place.plan").read_text() == str((out / "place.onnx").resolve()) and (out / "text_encoder.plan").exists()
     assert (out / tensorrt_build.TIMING_CACHE_NAME).read_bytes() == b"++"  # loaded, then saved after each build
+    (out / tensorrt_build.TIMING_CACHE_NAME).write_bytes(b"corrupt")
+    _, messages = _build(tiny_t2i, out, backend="tensorrt", only=("place",), profile=profile, validate=False,
+                         force=True)
+    assert any("does not fit this GPU and TensorRT version: starting a new one" in m for m in messages)
+    assert (out / tensorrt_build.TIMING_CACHE_NAME).read_bytes() == b"+"  # replaced by a fresh cache
     calls = gpu.build_calls
     assert ("create_network", 1 << 5) in calls  # STRONGLY_TYPED
     assert ("parse_from_file", "text_encoder.onnx", True) in calls  # path form: external data beside it

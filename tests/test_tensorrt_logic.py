@@ -54,6 +54,10 @@ class Driver:
         self.calls.append(f"destroy {graph_exec}")
         return (0,)
 
+    def cudaGetLastError(self):
+        self.calls.append("clear error")
+        return (0,)
+
 
 def test_device_memory_reuses_freed_allocations():
     driver = Driver()
@@ -90,11 +94,17 @@ def test_input_staging_binds_fixed_addresses_and_copies_only_new_content():
         staging.bind("noise", np.zeros((2, 4), np.float32))
 
 
+def _launch(graphs: CudaGraphs, key: tuple, enqueue) -> None:
+    """What the backend does per launch of a static-shape graph."""
+    if not graphs.replay(key):
+        graphs.record(key, enqueue)
+
+
 def test_cuda_graphs_capture_each_address_set_once_then_replay():
     driver, enqueued = Driver(), []
     graphs = CudaGraphs(driver, stream="s")
-    for addresses in [(1, 2), (1, 2), (1, 3), (1, 2), (1, 3)]:
-        graphs.launch("denoise", addresses, lambda: enqueued.append(driver.capturing))
+    for key in [("denoise", 1, 2), ("denoise", 1, 2), ("denoise", 1, 3), ("denoise", 1, 2), ("denoise", 1, 3)]:
+        _launch(graphs, key, lambda: enqueued.append(driver.capturing))
     # first launch of each address set: eager (the result), then captured (recorded, not run); then replays
     assert enqueued == [False, True, False, True]
     assert driver.calls == ["begin", "end", "instantiate", "launch exec1",
@@ -106,18 +116,18 @@ def test_cuda_graphs_capture_each_address_set_once_then_replay():
 def test_a_graph_whose_capture_fails_runs_eagerly_from_then_on(caplog):
     driver, enqueued = Driver(fail_capture=True), []
     graphs = CudaGraphs(driver, stream="s")
-    for _ in range(3):
-        graphs.launch("temporal_step", (7,), lambda: enqueued.append(driver.capturing))
-    assert enqueued == [False, True, False, False]  # one failed capture, every call still runs
-    assert driver.calls == ["begin", "end"] and "temporal_step: CUDA graph capture failed" in caplog.text
+    _launch(graphs, ("temporal_step", 7), lambda: enqueued.append(driver.capturing))
+    assert enqueued == [False, True] and "temporal_step" in graphs.eager  # one failed capture; the call still ran
+    assert driver.calls == ["begin", "end", "clear error"] and "temporal_step: CUDA graph capture failed" in caplog.text
 
     def broken():
         if driver.capturing:
             raise RuntimeError("TensorRT failed to run place")
 
     driver.fail_capture = False
-    graphs.launch("place", (8,), broken)  # an enqueue that fails under capture: capture ended, eager after
-    assert driver.calls[-2:] == ["begin", "end"] and "place" in graphs.eager and not driver.capturing
+    _launch(graphs, ("place", 8), broken)  # an enqueue that fails under capture: capture ended and cleaned up
+    assert driver.calls[-3:] == ["begin", "end", "clear error"] and "place" in graphs.eager and not driver.capturing
+    assert not graphs.execs
 
 
 def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_t2i, t2i_engines, tmp_path, monkeypatch):
@@ -138,7 +148,9 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     build(BuildOptions(checkpoint=tiny_t2i, out=folder, precision="fp32", backend="tensorrt",
                        profile=BuildProfile(min_mask_steps=8), validate=False, progress=False),
           report=lambda message: None)
-    runner = NOVARunner.from_engines(folder, backend="tensorrt", device="cuda")
+    runner = NOVARunner.from_engines(folder)  # auto: plans, TensorRT and no device given -> TensorRT on cuda
+    assert runner.backend.name == "tensorrt"
+    assert NOVARunner.from_engines(folder, device="cpu").backend.name == "onnxruntime"  # auto on a CPU
     expected = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
     options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=4, negative_prompt="blurry")
 
@@ -146,7 +158,8 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     theirs = expected("a lighthouse", **options)
     assert np.array_equal(first.latents, theirs.latents) and np.array_equal(first.images, theirs.images)
     backend = runner.backend
-    assert {graph for graph, _ in backend.cuda_graphs.execs} == {"temporal_prefill", "denoise", "place", "vae_decoder"}
+    assert {key[0] for key in backend.cuda_graphs.execs} == {"temporal_prefill", "denoise", "place", "vae_decoder"}
+    assert len(backend.captured_contexts) == len(backend.cuda_graphs.execs)  # a context per captured graph
 
     mallocs = gpu.mallocs
     for _ in range(2):  # graphs run once per request alternate output sets: steady from the second request on
@@ -158,3 +171,15 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     launches = {key: gpu.counts[key] - counts[key] for key in counts}
     assert launches["capture"] == 0 and launches["graph_launch"] == 2 + steps * (4 + 1)  # prefill, vae; denoise, place
     assert launches["execute"] - launches["graph_launch"] == 1 + steps  # eager: the text encoder, spatial per step
+
+    feeds = {"canvas": np.zeros((1, 4, 8, 8), np.float64)}  # float64 where the engine takes float32: refused
+    with pytest.raises(ValueError, match=r"place: input canvas is float64\[1, 4, 8, 8\] where the engine takes float32"):
+        backend.run("place", feeds)
+
+
+def test_bfloat16_downloads_as_float32():
+    from runtime.backends.tensorrt_backend import BFLOAT16, _from_bfloat16
+
+    values = np.array([1.5, -2.0, 3.140625], np.float32)  # exactly representable in bfloat16
+    bits = (values.view(np.uint32) >> 16).astype("<u2").view(BFLOAT16)
+    assert np.array_equal(_from_bfloat16(bits), values)

@@ -1,9 +1,9 @@
-"""TensorRT plans over CUDA buffers (TensorRT 10.x / 11.x API, cuda-python 13 bindings).
+"""TensorRT plans over CUDA buffers (TensorRT >= 10.8 or 11.x, cuda-python 13: the `tensorrt` extra).
 
 Needs `tensorrt` and `cuda-python` on a machine with an NVIDIA GPU; neither torch nor onnxruntime.
 Device arrays are `DeviceArray`s (a CUDA allocation with shape and dtype); every graph runs through
-`execute_async_v3` on one stream, with input and output addresses bound by tensor name, and nothing
-waits for the device between launches (downloads do). Memory:
+`execute_async_v3` on one stream, with input and output addresses bound by tensor name; the host
+waits for the device only around host memory (uploads, downloads). Memory:
 - outputs go into `OutputBuffers` (allocated once, used in turn);
 - all execution contexts share one activation buffer (user-managed device memory, sized for the
   largest engine);
@@ -11,11 +11,15 @@ waits for the device between launches (downloads do). Memory:
   cudaMalloc nor cudaFree. Reuse is safe without waiting because every copy and launch is on the one
   stream: work that writes reused memory is queued after the launches that read it.
 
-CUDA graphs: an engine with static shapes (every graph but the text encoder and the spatial graph)
-reads its inputs from fixed staging buffers (`InputStaging`) or straight from other graphs' output
+CUDA graphs: an engine whose inputs have static shapes (in the default builds: temporal prefill and
+step, denoise, place, the image VAE; not the text encoder, the spatial graph or the video VAE) reads
+its inputs from fixed staging buffers (`InputStaging`) or straight from other graphs' output
 buffers, so a launch binds one of a few fixed address sets. Each set is captured once into a CUDA
-graph and replayed from then on (`CudaGraphs`): the 25 denoise launches of a mask step cost one graph
-launch each plus the copies of the inputs that changed (the step's sampler row, its noise).
+graph, on an execution context of its own (TensorRT's advice; contexts share the activation buffer),
+and replayed from then on (`CudaGraphs`): the 25 denoise launches of a mask step cost one graph
+launch each plus the copies of the inputs that changed (the step's sampler row, its noise). Inputs
+are checked against the engine's dtypes and shapes before anything is bound; bf16 activations are
+stored as 16-bit patterns (numpy has no bfloat16) and never leave the device.
 
 Status: written against the documented API; NOT executed anywhere yet (TensorRT cannot be installed
 on the machines this project was developed on). Its tests skip with that reason. Its logic (bindings,
@@ -25,6 +29,7 @@ staging, buffer turns, capture and replay, allocation) runs in CI on a simulated
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -127,26 +132,28 @@ class InputStaging:
 
 
 class CudaGraphs:
-    """Launches replayed as CUDA graphs, one per (graph, bound addresses). The first launch of a key
-    runs eagerly (its result, and the enqueue TensorRT needs after binding before a capture), then is
-    captured; later launches of the key replay the capture. A graph whose capture fails runs eagerly
-    from then on, with a warning."""
+    """CUDA graphs of engine launches, one per key (a graph and every address it binds). `record` runs a
+    launch eagerly (its result, and the enqueue TensorRT needs before a capture) and then captures it;
+    `replay` launches the capture. A graph whose capture fails is listed in `eager`, with a warning,
+    and is not captured again."""
 
     def __init__(self, cudart, stream):
         self.cudart, self.stream = cudart, stream
         self.execs: dict[tuple, Any] = {}
         self.eager: set[str] = set()
 
-    def launch(self, graph: str, addresses: tuple[int, ...], enqueue: Callable[[], None]) -> None:
-        captured = self.execs.get((graph, addresses))
+    def replay(self, key: tuple) -> bool:
+        captured = self.execs.get(key)
         if captured is not None:
             _check(self.cudart.cudaGraphLaunch(captured, self.stream))
-            return
+        return captured is not None
+
+    def record(self, key: tuple, enqueue: Callable[[], None]) -> None:
         enqueue()
-        if graph not in self.eager:
-            captured = self._capture(graph, enqueue)
+        if key[0] not in self.eager:
+            captured = self._capture(key[0], enqueue)
             if captured is not None:
-                self.execs[(graph, addresses)] = captured
+                self.execs[key] = captured
 
     def _capture(self, graph: str, enqueue: Callable[[], None]):
         cudart = self.cudart
@@ -156,15 +163,19 @@ class CudaGraphs:
             enqueue()  # recorded, not executed
         except RuntimeError as error:
             failure = error
-        error, recorded = cudart.cudaStreamEndCapture(self.stream)  # ends the capture whatever happened
-        if failure is None and int(error) != 0:
-            failure = f"CUDA error {error}"
+        ended, recorded = cudart.cudaStreamEndCapture(self.stream)  # ends the capture whatever happened
+        captured = None
+        if int(ended) != 0:
+            failure = failure or f"CUDA error {ended}"
+        else:
+            if failure is None:
+                instantiated, captured = cudart.cudaGraphInstantiate(recorded, 0)
+                if int(instantiated) != 0:
+                    failure, captured = f"CUDA error {instantiated}", None
+            cudart.cudaGraphDestroy(recorded)  # the executable graph (if any) is independent of it
         if failure is None:
-            error, captured = cudart.cudaGraphInstantiate(recorded, 0)
-            cudart.cudaGraphDestroy(recorded)
-            if int(error) == 0:
-                return captured
-            failure = f"CUDA error {error}"
+            return captured
+        cudart.cudaGetLastError()  # clear the failed capture's error before the next launch
         log.warning("%s: CUDA graph capture failed (%s); it runs without CUDA graphs", graph, failure)
         self.eager.add(graph)
         return None
@@ -181,38 +192,46 @@ class TensorRTBackend(Backend):
         trt, cudart = _import()
         if not device.startswith("cuda"):
             raise BackendUnavailable("the tensorrt backend runs on a CUDA device (device='cuda')")
-        _check(cudart.cudaSetDevice(int(device.partition(":")[2] or 0)))
-        self.trt, self.cudart = trt, cudart
-        self.stream = _check(cudart.cudaStreamCreate())
+        self.trt, self.cudart, self.device = trt, cudart, int(device.partition(":")[2] or 0)
+        self._select_device()
+        # Non-blocking: work that another library queues on the legacy default stream must not join a capture.
+        self.stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self.stream_handle = _native_handle(self.stream)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, self.contexts = {}, {}
+        self.engines = {}
         for name, path in plans.items():
             engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
             if engine is None:
                 raise BackendUnavailable(f"{Path(path).name} does not load with TensorRT {trt.__version__} on this GPU; "
                                          f"rebuild it with export/build_engines.py --backend tensorrt")
             self.engines[name] = engine
-            self.contexts[name] = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        self.io = {name: [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-                   for name, engine in self.engines.items()}
-        self.inputs = {name: [n for n in names if self.engines[name].get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-                       for name, names in self.io.items()}
+        self.tensors = {name: {engine.get_tensor_name(i): _TensorInfo.of(trt, engine, engine.get_tensor_name(i))
+                               for i in range(engine.num_io_tensors)} for name, engine in self.engines.items()}
         # Graphs run one at a time on one stream, so all contexts share one activation (scratch) buffer,
         # sized for the largest engine, instead of holding one each. A fixed address is also what lets
         # captured CUDA graphs replay.
         self.memory = DeviceMemory(cudart)
         self.activations = DeviceArray(self.memory, (max(e.device_memory_size_v2 for e in self.engines.values()),),
                                        np.uint8, permanent=True)
-        for context in self.contexts.values():
-            context.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        self.contexts = {name: self._context(name) for name in self.engines}
         self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(self.memory, shape, dtype, graph_output=True))
-        self.staging = {name: InputStaging(self.memory, self._copy) for name, engine in self.engines.items()
-                        if all(-1 not in tuple(engine.get_tensor_shape(n)) for n in self.inputs[name])}
+        self.staging = {name: InputStaging(self.memory, self._copy) for name, tensors in self.tensors.items()
+                        if all(-1 not in t.shape for t in tensors.values() if t.is_input)}
         self.cuda_graphs = CudaGraphs(cudart, self.stream)
+        self.captured_contexts: dict[tuple, Any] = {}  # one execution context per captured graph, as TensorRT advises
 
     @property
     def graphs(self) -> tuple[str, ...]:
         return tuple(self.engines)
+
+    def _select_device(self) -> None:
+        """The device is per host thread in CUDA, and a runner may be called from several threads."""
+        _check(self.cudart.cudaSetDevice(self.device))
+
+    def _context(self, graph: str):
+        context = self.engines[graph].create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        return context
 
     def _copy(self, target: DeviceArray, source: "DeviceArray | np.ndarray") -> None:
         """Queue a copy into `target`: device to device, or from a host array (then waited for, as the
@@ -227,44 +246,104 @@ class TensorRTBackend(Backend):
         _check(self.cudart.cudaStreamSynchronize(self.stream))
 
     def upload(self, array: np.ndarray) -> DeviceArray:
+        self._select_device()
         host = np.ascontiguousarray(array)
         device = DeviceArray(self.memory, host.shape, host.dtype)
         self._copy(device, host)
         return device
 
     def download(self, array: DeviceArray) -> np.ndarray:
+        self._select_device()
         host = np.empty(array.shape, array.dtype)
         _check(self.cudart.cudaMemcpyAsync(host.ctypes.data, array.ptr, array.nbytes,
                                            self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _check(self.cudart.cudaStreamSynchronize(self.stream))
-        return host
+        return _from_bfloat16(host) if array.dtype == BFLOAT16 else host
 
     def run(self, graph: str, inputs: Mapping[str, Any]) -> dict[str, DeviceArray]:
-        trt, engine, context = self.trt, self.engines[graph], self.contexts[graph]
-        staging = self.staging.get(graph)
+        self._select_device()
+        tensors, staging = self.tensors[graph], self.staging.get(graph)
         bound = {}
-        for name in self.inputs[graph]:
-            value = inputs[name]
-            if staging is not None:
-                bound[name] = staging.bind(name, value)
-            else:  # dynamic shapes: bound where they are (an upload is released after its launch, in stream order)
-                bound[name] = value if isinstance(value, DeviceArray) else self.upload(np.asarray(value))
-            context.set_input_shape(name, bound[name].shape)
-        shapes = {name: (tuple(context.get_tensor_shape(name)), np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
-                  for name in self.io[graph] if name not in bound}
-        outputs = dict(self.buffers.next(graph, shapes))  # allocated on first use, then reused in turn
-        for name, array in {**bound, **outputs}.items():
-            context.set_tensor_address(name, array.ptr)
-
-        def enqueue() -> None:
-            if not context.execute_async_v3(self.stream):
-                raise RuntimeError(f"TensorRT failed to run {graph}")
-
-        if staging is None:
-            enqueue()
-        else:
-            self.cuda_graphs.launch(graph, tuple(a.ptr for a in {**bound, **outputs}.values()), enqueue)
+        for name, info in tensors.items():
+            if info.is_input:
+                value = inputs[name] if isinstance(inputs[name], DeviceArray) else np.asarray(inputs[name])
+                info.check(graph, name, value)
+                if staging is not None:
+                    bound[name] = staging.bind(name, value)
+                else:  # bound where they are (an upload is released after its launch, in stream order)
+                    bound[name] = value if isinstance(value, DeviceArray) else self.upload(value)
+        if staging is None or graph in self.cuda_graphs.eager:
+            context = self.contexts[graph]
+            outputs = self._bind(graph, context, bound)
+            self._enqueue(graph, context)
+            return outputs
+        outputs = dict(self.buffers.next(graph, {n: (t.shape, t.dtype) for n, t in tensors.items() if not t.is_input}))
+        key = (graph, *(a.ptr for a in {**bound, **outputs}.values()))
+        if not self.cuda_graphs.replay(key):
+            context = self.captured_contexts[key] = self._context(graph)
+            self._bind(graph, context, bound, outputs)
+            self.cuda_graphs.record(key, lambda: self._enqueue(graph, context))
         return outputs
 
+    def _bind(self, graph: str, context, bound: dict[str, DeviceArray],
+              outputs: dict[str, DeviceArray] | None = None) -> dict[str, DeviceArray]:
+        """Set input shapes and addresses on `context`; outputs in the graph's next buffer set unless given."""
+        for name, array in bound.items():
+            if not context.set_input_shape(name, array.shape):
+                raise ValueError(f"{graph}: input {name} of shape {list(array.shape)} is outside the engine's "
+                                 f"optimization profile; rebuild the engines for this request")
+        if outputs is None:
+            shapes = {name: (tuple(context.get_tensor_shape(name)), info.dtype)
+                      for name, info in self.tensors[graph].items() if not info.is_input}
+            outputs = dict(self.buffers.next(graph, shapes))  # allocated on first use, then reused in turn
+        for name, array in {**bound, **outputs}.items():
+            context.set_tensor_address(name, array.ptr)
+        return outputs
+
+    def _enqueue(self, graph: str, context) -> None:
+        if not context.execute_async_v3(self.stream_handle):
+            raise RuntimeError(f"TensorRT failed to run {graph}")
+
     def synchronize(self) -> None:
+        self._select_device()
         _check(self.cudart.cudaStreamSynchronize(self.stream))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+    """One engine I/O tensor: direction, shape (-1 = dynamic) and numpy storage dtype."""
+
+    is_input: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, trt, engine, name: str) -> "_TensorInfo":
+        dtype = engine.get_tensor_dtype(name)
+        return cls(engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT, tuple(engine.get_tensor_shape(name)),
+                   BFLOAT16 if dtype == trt.DataType.BF16 else np.dtype(trt.nptype(dtype)))
+
+    def check(self, graph: str, name: str, array: "DeviceArray | np.ndarray") -> None:
+        """A mismatch would be read as garbage by the engine, so it is refused here."""
+        fits = len(array.shape) == len(self.shape) and all(d in (-1, s) for d, s in zip(self.shape, array.shape))
+        if array.dtype != self.dtype or not fits:
+            raise ValueError(f"{graph}: input {name} is {array.dtype}{list(array.shape)} where the engine takes "
+                             f"{self.dtype}{list(self.shape)}")
+
+
+# numpy has no bfloat16: bf16 tensors (activations between transformer graphs at --precision bf16) are
+# stored as their 16-bit patterns and only converted when downloaded.
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
+
+
+def _from_bfloat16(host: np.ndarray) -> np.ndarray:
+    return (host.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _native_handle(stream) -> int:
+    """The stream as the integer TensorRT takes (int() on cuda-python objects is deprecated in 13.x)."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(stream)
+    return get_cuda_native_handle(stream)
