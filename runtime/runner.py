@@ -2,9 +2,11 @@
 
 Per request, everything that does not depend on model outputs is prepared first and uploaded once:
 token ids, the mask schedule, the random token order and every mask step's index inputs, the sampler
-table. Noise is drawn per mask step for the whole canvas (the reference's draws; drawing a request's
-noise up front would hold S x the canvas per step) and only the step's rows are uploaded. Each step
-then feeds device arrays to a graph and hands its outputs to the next one:
+table. Noise is drawn at the start of each mask step, all of the step's draws at once, each for the
+whole canvas as the reference draws it (a request's noise up front would hold the canvas once per
+diffusion step of every mask step), and only the step's rows are uploaded, in one go, so a backend
+whose uploads wait for the device waits once per mask step. Each step then feeds device arrays to a
+graph and hands its outputs to the next one:
 
     text_encoder -> temporal_prefill / temporal_step (KV cache in, KV cache out)    per latent frame
                  -> spatial -> denoise x S -> place                                per mask step
@@ -329,15 +331,18 @@ class NOVARunner:
         shape = (batch, g.channels, *g.latent_size)
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
         for step in mask_steps:
-            # Noise is drawn for the whole canvas, as the reference draws it, and only the step's rows go up.
-            rows = _gather_rows(draws.normal(shape, draw_dtype), step.selected, g)
+            # The step's draws in the reference's order (the initial noise, then each noise-adding diffusion
+            # step's), each for the whole canvas as the reference draws it; only the step's rows go up. All
+            # are uploaded before the step's launches: an upload waits for the device, so it is done once.
+            rows = [_gather_rows(draws.normal(shape, draw_dtype), step.selected, g)
+                    for _ in range(1 + sum(map(sampler.draws_noise, range(len(denoise_steps)))))]
+            x, *noise = [backend.upload(r) for r in rows]
             with timer.stage("spatial"):
                 z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
-            x = backend.upload(rows)
             for j, inputs in enumerate(denoise_steps):
                 feeds = {**inputs, "x": x, "z_selected": z}
                 if sampler.draws_noise(j):
-                    feeds["noise"] = backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))
+                    feeds["noise"] = noise.pop(0)
                 with timer.stage("denoise"):
                     x = run("denoise", feeds)["x_next"]
             with timer.stage("denoise"):
