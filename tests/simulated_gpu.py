@@ -7,17 +7,22 @@ memory, to run export/tensorrt_build.py and `runtime.backends.tensorrt_backend` 
   it, and reading or writing an address that is not a live allocation fails.
 - An engine runs its plan's ONNX graph in ONNX Runtime (CPU, one thread), reading its inputs from and
   writing its outputs to the addresses bound on its context.
-- The stream runs each operation when it is queued, except under capture: then operations are recorded
-  with the addresses bound at that moment, and a launched graph replays the recording, as CUDA graphs do.
+- The stream is asynchronous: queued copies and launches run when the host synchronizes, in order, so
+  a host read without a wait gets stale data. A copy from host memory reads the host array when it is
+  queued (CUDA stages pageable memory before returning). Under capture, operations are recorded with
+  the addresses bound at that moment, and a launched graph queues the recording, as CUDA graphs do.
+  `counts["wait"]` counts the synchronizations that found queued launches: the host waiting for compute.
 
-What it checks: our calls, names, shapes, dtypes, addresses, staging, buffer turns and capture keys,
-i.e. that the backend's bindings compute what the ONNX Runtime backend computes. What it cannot check:
-asynchrony (the simulated stream is synchronous), TensorRT's parser, tactics and kernels, CUDA itself.
+What it checks: our calls, names, shapes, dtypes, addresses, staging, buffer turns, capture keys and
+where the host waits, i.e. that the backend's bindings compute what the ONNX Runtime backend computes.
+What it cannot check: concurrency beyond one in-order stream, TensorRT's parser, tactics and kernels,
+CUDA itself.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import sys
 import types
 from pathlib import Path
@@ -38,7 +43,9 @@ class SimulatedGPU:
         self.allocations: dict[int, np.ndarray] = {}
         self.mallocs = 0
         self.recording: list | None = None
-        self.counts = {"execute": 0, "graph_launch": 0, "capture": 0}
+        self.queued: list = []
+        self.queued_launches = 0
+        self.counts = {"execute": 0, "graph_launch": 0, "capture": 0, "wait": 0}
         self.capability = (9, 0)
         self.build_calls: list[tuple] = []
 
@@ -67,7 +74,11 @@ class SimulatedGPU:
             self.device(src, nbytes)
         if kind in ("h2d", "d2d"):
             self.device(dst, nbytes)
-        self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
+        if kind == "h2d":
+            staged = ctypes.create_string_buffer(ctypes.string_at(src, nbytes), nbytes)
+            self.enqueue(lambda: ctypes.memmove(dst, staged, nbytes))
+        else:
+            self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
         return (0,)
 
     # stream and graphs
@@ -85,13 +96,14 @@ class SimulatedGPU:
 
     def cudaStreamSynchronize(self, stream):
         assert self.recording is None, "synchronize under capture"
+        self.counts["wait"] += self.queued_launches > 0
+        self.queued_launches = 0
+        while self.queued:
+            self.queued.pop(0)()
         return (0,)
 
     def enqueue(self, work) -> None:
-        if self.recording is not None:
-            self.recording.append(work)
-        else:
-            work()
+        (self.queued if self.recording is None else self.recording).append(work)
 
     def cudaStreamBeginCapture(self, stream, mode):
         assert self.recording is None
@@ -108,8 +120,8 @@ class SimulatedGPU:
 
     def cudaGraphLaunch(self, graph_exec, stream):
         self.counts["graph_launch"] += 1
-        for work in graph_exec:
-            work()
+        self.queued.extend(graph_exec)
+        self.queued_launches += 1
         return (0,)
 
     def cudaGraphDestroy(self, graph):
@@ -192,6 +204,7 @@ class _Context:
                 gpu.device(ptr, value.nbytes)[:] = np.ascontiguousarray(value).view(np.uint8).ravel()
 
         gpu.enqueue(run)
+        gpu.queued_launches += gpu.recording is None
         return True
 
 
@@ -305,6 +318,8 @@ def install(monkeypatch) -> SimulatedGPU:
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, gpu
     for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", gpu)):
+        if isinstance(module, types.ModuleType):
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # importlib.util.find_spec works on it
         monkeypatch.setitem(sys.modules, name, module)
     return gpu
 

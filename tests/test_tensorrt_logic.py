@@ -170,6 +170,9 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     steps = len(mask_schedule(runner.geometry.num_tokens, 8))
     launches = {key: gpu.counts[key] - counts[key] for key in counts}
     assert launches["capture"] == 0 and launches["graph_launch"] == 2 + steps * (4 + 1)  # prefill, vae; denoise, place
+    # the host waits for the device: the text features, the frame's index inputs, each later mask step's noise
+    # (uploaded before its launches), the canvas and the pixels; never between the launches of a mask step
+    assert launches["wait"] == 1 + 1 + (steps - 1) + 1 + 1
     assert launches["execute"] - launches["graph_launch"] == 1 + steps  # eager: the text encoder, spatial per step
 
     feeds = {"canvas": np.zeros((1, 4, 8, 8), np.float64)}  # float64 where the engine takes float32: refused

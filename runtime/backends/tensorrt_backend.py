@@ -23,8 +23,8 @@ stored as 16-bit patterns (numpy has no bfloat16) and never leave the device.
 
 Status: written against the documented API; NOT executed anywhere yet (TensorRT cannot be installed
 on the machines this project was developed on). Its tests skip with that reason. Its logic (bindings,
-staging, buffer turns, capture and replay, allocation) runs in CI on a simulated GPU
-(tests/simulated_gpu.py), which cannot show asynchrony problems or TensorRT's own behaviour.
+staging, buffer turns, capture and replay, allocation, where the host waits) runs in CI on a simulated
+GPU (tests/simulated_gpu.py: an asynchronous in-order stream), which cannot show TensorRT's own behaviour.
 """
 
 from __future__ import annotations
