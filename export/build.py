@@ -26,7 +26,9 @@ from export import manifest as mf
 from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_graph
 from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_cases, ort_session, reference_cases,
                              temporal_sequence)
+from runtime.checkpoint import check_weights
 from runtime.configs import CheckpointError, config_files
+from runtime.tokenizer import PromptTokenizer
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
 from runtime.graphs.specs import Checkpoint, GraphSpec, build_specs
 
@@ -146,6 +148,17 @@ class _StageBar:
         self.bar.close()
 
 
+def _check_out_folder(out: Path, checkpoint: Path) -> None:
+    """Refuse to write engines into the checkpoint or into a folder that holds something else."""
+    if out.resolve() == checkpoint.resolve() or checkpoint.resolve() in out.resolve().parents:
+        raise BuildError(f"--out {out} is inside the checkpoint folder {checkpoint}; choose a separate folder")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / mf.MANIFEST_NAME).exists():
+        raise BuildError(f"--out {out} already holds files and no {mf.MANIFEST_NAME} (it is not an engine folder); "
+                         f"choose an empty or new folder")
+
+
 class Builder:
     def __init__(self, options: BuildOptions, report: Callable[[str], None] = print):
         self.options, self.report = options, report
@@ -163,7 +176,14 @@ class Builder:
                 self.gpu = tensorrt_build.gpu_compute_capability()
             except tensorrt_build.TensorRTUnavailable as error:
                 raise BuildError(f"TensorRT is installed but cannot build engines here: {error}.") from None
+        _check_out_folder(o.out, o.checkpoint)
         self.checkpoint = Checkpoint(o.checkpoint)
+        try:  # everything a graph or the runner will read, before anything is exported
+            check_weights(o.checkpoint)
+            config_files(o.checkpoint)
+            PromptTokenizer.from_folder(o.checkpoint / "tokenizer")
+        except (CheckpointError, ValueError) as error:
+            raise BuildError(str(error)) from None
         try:
             self.specs = build_specs(self.checkpoint, o.profile, o.precision, o.overrides, self.backend)
             self.geometry = Geometry.from_config(self.checkpoint.config, o.profile)

@@ -69,8 +69,11 @@ def source_digest(root: Path, paths: Iterable[str]) -> str:
 def _safetensors_digests(path: Path) -> dict[str, str]:
     """Per-tensor sha256 of a safetensors file (dtype + shape + bytes), reading the header ourselves."""
     with open(path, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
+        try:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        except (struct.error, ValueError) as error:
+            raise ManifestError(f"{path} is not a readable safetensors file ({error})") from None
         base = 8 + size
         out = {}
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -208,9 +211,20 @@ def verify_folder(folder: str | os.PathLike, backend: str | None = None) -> dict
     """For consumers (the runner): load the manifest and check every artifact's size and sha256.
     Raises ManifestError with a clear message on the first problem. -> the manifest."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"engine folder {folder} {'is a file' if folder.exists() else 'does not exist'}: give the "
+                            f"folder written by `python export/build_engines.py --checkpoint CKPT --out FOLDER`")
     manifest = load_manifest(folder)
     if manifest is None:
-        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: build it with `python export/build_engines.py --out {folder}`")
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}, so it is not an engine folder: build one with "
+                            f"`python export/build_engines.py --checkpoint CKPT --out FOLDER`")
+    lacking = [k for k in ("profile", "geometry", "graph_order", "components", "precision", "checkpoint")
+               if k not in manifest]
+    lacking += [f"components.{n}.{k}" for n, e in manifest.get("components", {}).items()
+                for k in ("declaration", "artifacts") if not e.get(k)]
+    if lacking:
+        raise ManifestError(f"{folder}/{MANIFEST_NAME} lacks {', '.join(lacking)}: it was not written by this "
+                            f"version's build; rebuild with export/build_engines.py")
     if not manifest.get("configs"):
         raise ManifestError(f"{folder} has no {CONFIGS_DIR}/ (the checkpoint's configs and tokenizer): it was built by an "
                             f"older version or the build did not finish; rebuild with export/build_engines.py")
@@ -221,7 +235,8 @@ def verify_folder(folder: str | os.PathLike, backend: str | None = None) -> dict
         records = list(entry.get("artifacts", []))
         if backend == "tensorrt":
             if not entry.get("engine"):
-                raise ManifestError(f"{folder}: component {name} has no TensorRT engine; rebuild with --backend tensorrt")
+                raise ManifestError(f"{folder}: component {name} has no TensorRT engine; rebuild with --backend tensorrt "
+                                    f"on a machine with TensorRT and a GPU")
             records += entry["engine"]["artifacts"]
         problem = check_artifacts(records, folder)
         if problem:

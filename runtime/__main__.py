@@ -53,11 +53,18 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diffusion-steps", type=int, default=25, help="denoising steps per mask step (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--latent-length", type=int, default=1, help="latent frames; 1 = image (default 1)")
-    parser.add_argument("--motion-flow", type=float, default=5.0, help="video motion strength (default 5)")
+    parser.add_argument("--motion-flow", type=float, help="video motion strength (video checkpoints; default 5)")
     parser.add_argument("--image", help="PNG at the model resolution: image-to-video from this first frame")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=12, help="mp4 frame rate (default 12)")
+    parser.add_argument("--fps", type=_frame_rate, default=12, help="mp4 frame rate, 1 to 240 (default 12)")
     parser.add_argument("--out", required=True, type=Path, help="output .png (image) or .mp4 (video)")
+
+
+def _frame_rate(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 240:
+        raise argparse.ArgumentTypeError(f"must be 1 to 240, got {value}")
+    return value
 
 
 def _options(args) -> dict:

@@ -115,39 +115,63 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device: to
     return module
 
 
+def _transformer_on_meta(folder: Path) -> tuple[nn.Module, dict[str, torch.Size]]:
+    with torch.device("meta"):
+        model = NOVATransformer3DModel(transformer_config(folder))
+    return model, {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _text_encoder_on_meta(folder: Path) -> tuple[nn.Module, dict[str, torch.Size]]:
+    """Phi-2 body; the file also holds the unused `lm_head` (checked, not read)."""
+    config = phi_config_from_dict(read_json(folder / "text_encoder" / "config.json"))
+    with torch.device("meta"):
+        encoder = build_text_encoder(config)
+    expected = {f"model.{k}": v.shape for k, v in encoder.state_dict().items()}
+    expected["lm_head.weight"] = torch.Size([config.vocab_size, config.hidden_size])
+    expected["lm_head.bias"] = torch.Size([config.vocab_size])
+    return encoder, expected
+
+
+def _vae_on_meta(folder: Path) -> tuple[nn.Module, dict[str, torch.Size]]:
+    from runtime.model.vae import vae_class
+
+    raw = read_json(folder / "vae" / "config.json")
+    cls = vae_class(raw.get("_class_name"), folder / "vae")
+    with torch.device("meta"):
+        vae = cls.from_config(raw)
+    return vae, {k: v.shape for k, v in vae.state_dict().items()}
+
+
+_COMPONENTS = {"transformer": _transformer_on_meta, "text_encoder": _text_encoder_on_meta, "vae": _vae_on_meta}
+
+
+def check_weights(folder: str | os.PathLike) -> None:
+    """Every component's weight files against its config, from the file headers only (seconds even for
+    full-size checkpoints): a CheckpointError naming the problems, before anything is exported or loaded."""
+    folder = Path(folder)
+    for component, on_meta in _COMPONENTS.items():
+        check_keys(on_meta(folder)[1], read_shapes(folder / component), folder / component)
+
+
 def load_transformer(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu") -> NOVATransformer3DModel:
-    config = transformer_config(folder)
-    with torch.device("meta"):
-        model = NOVATransformer3DModel(config)
+    model, _ = _transformer_on_meta(Path(folder))
     load_weights(model, Path(folder) / "transformer", dtype, device)
     return model.to(device).eval()
 
 
 def load_text_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu"):
-    """Phi-2 body from `text_encoder/` (its unused `lm_head` is checked but not read)."""
-    sub = Path(folder) / "text_encoder"
-    config = phi_config_from_dict(read_json(sub / "config.json"))
-    with torch.device("meta"):
-        encoder = build_text_encoder(config)
-    expected = {f"model.{k}": v.shape for k, v in encoder.state_dict().items()}
-    expected["lm_head.weight"] = torch.Size([config.vocab_size, config.hidden_size])
-    expected["lm_head.bias"] = torch.Size([config.vocab_size])
-    load_weights(encoder, sub, dtype, device, expected, prefix="model.")
+    encoder, expected = _text_encoder_on_meta(Path(folder))
+    load_weights(encoder, Path(folder) / "text_encoder", dtype, device, expected, prefix="model.")
+    config = phi_config_from_dict(read_json(Path(folder) / "text_encoder" / "config.json"))
     encoder.rotary_emb = type(encoder.rotary_emb)(config).to(device)  # its inv_freq is not in the file
     return encoder.eval()
 
 
 def load_vae(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    from runtime.model.vae import vae_class
-
-    sub = Path(folder) / "vae"
-    raw = read_json(sub / "config.json")
-    cls = vae_class(raw.get("_class_name"), sub)
-    with torch.device("meta"):
-        vae = cls.from_config(raw)
-    return load_weights(vae, sub, dtype, device).eval()
+    vae, _ = _vae_on_meta(Path(folder))
+    return load_weights(vae, Path(folder) / "vae", dtype, device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def write_strip(frames: np.ndarray, path: str | os.PathLike) -> Path:
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 12) -> Path:
     """H.264 mp4 (yuv420p, so odd sizes are padded by one pixel); 12 fps is NOVA's demo rate."""
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 240:
+        raise ValueError(f"fps must be an integer from 1 to 240, got {fps!r}")
     _check_frames(frames, 4, "frames")
     height, width = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
     padded = np.pad(frames, ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0)), mode="edge")

@@ -92,7 +92,7 @@ class ReferencePipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, *, negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 64, num_diffusion_steps: int = 25, guidance_scale: float = 5.0,
-                 max_latent_length: int = 1, motion_flow: float = 5, image: np.ndarray | None = None,
+                 max_latent_length: int = 1, motion_flow: float | None = None, image: np.ndarray | None = None,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
                  draws: RandomDraws | None = None, prompt_embeds: list[torch.Tensor] | None = None,
                  negative_prompt_embeds: list[torch.Tensor] | None = None, output_type: str = "np",

@@ -10,6 +10,9 @@ import numbers
 
 import numpy as np
 
+MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
+DEFAULT_MOTION_FLOW = 5.0  # the official default; `motion_flow=None` means it (video checkpoints only)
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -54,8 +57,12 @@ def _number(name: str, value) -> float:
 
 def _prompt_list(name: str, value, count: int | None = None) -> list[str]:
     values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
+    if not isinstance(values, (list, tuple)) or not values:
         raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
+    wrong = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if wrong is not None:
+        raise ValueError(f"{name} must be a string or a list of strings; entry {wrong} is "
+                         f"{type(values[wrong]).__name__} {values[wrong]!r}")
     if count is not None and len(values) != count:
         if len(values) == 1:
             return list(values) * count
@@ -93,6 +100,12 @@ def validate_request(config, *, prompt, negative_prompt, prompt_embeds, negative
     length = _positive_int("max_latent_length", max_latent_length)
     if length > 1 and not config.has_motion:
         raise ValueError(f"this is an image checkpoint: max_latent_length must be 1, got {length}")
+    if motion_flow is not None and not config.has_motion:
+        raise ValueError(f"motion_flow applies to video checkpoints; this one generates images (got {motion_flow!r})")
+    steps = _positive_int("num_inference_steps", num_inference_steps)
+    if steps > MAX_MASK_STEPS:
+        raise ValueError(f"num_inference_steps must be at most {MAX_MASK_STEPS} (steps beyond a frame's "
+                         f"{config.num_image_tokens} tokens predict nothing and are dropped), got {steps}")
     if image is not None:
         if not config.has_motion:
             raise ValueError("image-to-video needs a video checkpoint; this one generates images")
@@ -105,8 +118,8 @@ def validate_request(config, *, prompt, negative_prompt, prompt_embeds, negative
             raise ValueError("image-to-video needs max_latent_length >= 2 (the image is frame 0)")
     return Request(
         prompts=prompts, negative_prompts=negatives, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
-        num_inference_steps=_positive_int("num_inference_steps", num_inference_steps),
+        num_inference_steps=steps,
         num_diffusion_steps=_positive_int("num_diffusion_steps", num_diffusion_steps),
         guidance_scale=_number("guidance_scale", guidance_scale), max_latent_length=length,
-        motion_flow=_number("motion_flow", motion_flow), image=image,
+        motion_flow=DEFAULT_MOTION_FLOW if motion_flow is None else _number("motion_flow", motion_flow), image=image,
         num_images_per_prompt=_positive_int("num_images_per_prompt", num_images_per_prompt))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
+import re
 import threading
 import time
 from collections import defaultdict
@@ -42,7 +44,7 @@ from runtime.schedules import SamplerTable, mask_schedule
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
 _OPTION_DEFAULTS = dict(negative_prompt=None, num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0,
-                        max_latent_length=1, motion_flow=5, image=None, num_images_per_prompt=1, prompt_embeds=None,
+                        max_latent_length=1, motion_flow=None, image=None, num_images_per_prompt=1, prompt_embeds=None,
                         negative_prompt_embeds=None)
 
 
@@ -110,13 +112,18 @@ class NOVARunner:
     def from_checkpoint(cls, folder: str | Path, profile: BuildProfile | None = None, precision: str = "fp32",
                         device: str = "cpu") -> "NOVARunner":
         """The torch backend straight from a checkpoint folder (no export): the graphs' own modules."""
+        from runtime.backends import BackendUnavailable
         from runtime.backends.torch_backend import TorchBackend
         from runtime.graphs.specs import Checkpoint, build_specs
 
+        _check_device(device)
         profile = profile or BuildProfile()
         specs = build_specs(Checkpoint(folder), profile, precision)
-        return cls(TorchBackend(specs, device), CheckpointConfigs.read(folder), profile,
-                   {name: spec.describe() for name, spec in specs.items()})
+        try:
+            backend = TorchBackend(specs, device)
+        except BackendUnavailable as error:
+            raise ValueError(str(error)) from None
+        return cls(backend, CheckpointConfigs.read(folder), profile, {name: spec.describe() for name, spec in specs.items()})
 
     @classmethod
     def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None) -> "NOVARunner":
@@ -136,6 +143,8 @@ class NOVARunner:
         folder = Path(folder)
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+        if device is not None:
+            _check_device(device)
         if backend == "auto":
             on_gpu = device is None or device.startswith("cuda")
             backend = "tensorrt" if on_gpu and _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
@@ -145,7 +154,11 @@ class NOVARunner:
             configs = CheckpointConfigs.read(folder / CONFIGS_DIR)
         except (ManifestError, CheckpointError) as error:
             raise ValueError(str(error)) from None
-        profile = BuildProfile(**manifest["profile"])
+        try:
+            profile = BuildProfile(**manifest["profile"])
+        except TypeError as error:
+            raise ValueError(f"{folder}: its build profile does not fit this version ({error}); rebuild with "
+                             f"export/build_engines.py") from None
         if Geometry.from_config(configs.transformer, profile).to_dict() != manifest["geometry"]:
             raise ValueError(f"{folder} was built by another version of this runtime (its graph geometry differs from "
                              f"what this version derives); rebuild with export/build_engines.py")
@@ -173,7 +186,7 @@ class NOVARunner:
     # -- public API -----------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str] | None = None, *, negative_prompt=None,
                  num_inference_steps: int = 64, num_diffusion_steps: int = 25, guidance_scale: float = 5.0,
-                 max_latent_length: int = 1, motion_flow: float = 5, image: np.ndarray | None = None,
+                 max_latent_length: int = 1, motion_flow: float | None = None, image: np.ndarray | None = None,
                  num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
                  draws: RandomDraws | NumpyDraws | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                  return_timings: bool = False, progress: bool = False) -> RunnerOutput:
@@ -223,7 +236,8 @@ class NOVARunner:
         peak = max(mask_schedule(g.num_tokens, request.num_inference_steps))
         if peak > g.max_tokens_per_step:
             raise ValueError(f"num_inference_steps {request.num_inference_steps} predicts up to {peak} tokens in one "
-                             f"step; {built} (build for fewer minimum mask steps)")
+                             f"step; {built}, i.e. num_inference_steps >= {self.profile.min_mask_steps} (rebuild with "
+                             f"--min-mask-steps {request.num_inference_steps} for fewer)")
         if request.prompts is not None:
             rows = request.num_prompts * (2 if request.guided and request.negative_prompts else 1)
             if rows > g.text_batch:
@@ -473,12 +487,20 @@ def _torch_backend(manifest: dict, profile: BuildProfile, device: str) -> Backen
                                     manifest["backend"]), device)
 
 
+def _check_device(device) -> None:
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def _draws(seed: int | None, generator):
     """torch.Generator draws (the reference's numbers) when torch is installed, else numpy's."""
     if generator is not None:
         if seed is not None:
             raise ValueError("give at most one of seed and generator")
         return RandomDraws(generator)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     try:
         import torch
     except ImportError:

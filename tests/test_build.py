@@ -341,3 +341,36 @@ def test_tensorrt_build_plumbing_on_a_simulated_gpu(tiny_t2i, tmp_path, monkeypa
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.100.0-simulated")
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", only=("place",), profile=profile, validate=False)
     assert rows["place"].status == "rebuilt" and "TensorRT version changed" in rows["place"].why
+
+
+def test_checkpoint_and_out_problems_are_refused_before_anything_is_written(tiny_t2i, tmp_path):
+    import struct
+
+    def refused(checkpoint, message, out=None):
+        out = out or tmp_path / "out"
+        with pytest.raises(BuildError, match=message):
+            _build(checkpoint, out, only=("place",))
+        assert not (tmp_path / "out").exists()  # nothing created, nothing half-written
+
+    def broken(name, edit):
+        folder = shutil.copytree(tiny_t2i, tmp_path / name)
+        edit(folder)
+        return folder
+
+    refused(broken("no-tokenizer", lambda f: (f / "tokenizer" / "tokenizer.json").unlink()),
+            "has no tokenizer.json")
+    refused(broken("stub-weights", lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+        struct.pack("<I", 7))), "cannot read .*vae/diffusion_pytorch_model.safetensors")
+
+    def rename_key(folder):
+        path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        state = load_file(path)
+        key = sorted(state)[0]
+        state[key + "_renamed"] = state.pop(key)
+        save_file(state, path)
+    refused(broken("renamed-key", rename_key), "weights in .*transformer do not match its config; missing: .*"
+                                               "unexpected: .*_renamed")
+    refused(tiny_t2i, "is inside the checkpoint folder", out=tiny_t2i / "engines")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    refused(tiny_t2i, "already holds files and no manifest.json", out=tmp_path / "busy")

@@ -77,7 +77,8 @@ def engine_copy(t2i_engines, tmp_path):
 
 
 def test_missing_partial_edited_and_mismatched_folders_are_refused(engine_copy, tmp_path):
-    with pytest.raises(ValueError, match="has no manifest.json: build it with"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no manifest.json, so it is not an engine folder"):
         NOVARunner.from_engines(tmp_path / "empty")
     data = engine_copy / "spatial.onnx.data"
     original = data.read_bytes()
@@ -194,3 +195,14 @@ def test_generate_command_writes_image_and_video(t2i_engines, t2v_engines, tmp_p
     assert main(["generate", "--engines", str(t2i_engines), "--prompt", "a fox", "--latent-length", "3",
                  "--out", str(tmp_path / "x.mp4")]) == 2
     assert "image checkpoint" in capsys.readouterr().err
+
+
+def test_unusable_devices_are_refused_in_one_sentence(t2i_engines, tiny_t2i):
+    for device in ("tpu", "CPU", "", "cuda:x", 0):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got"):
+            NOVARunner.from_engines(t2i_engines, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="the torch backend cannot use cuda: this torch build sees no CUDA GPU"):
+            NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=8), device="cuda")
+    with pytest.raises(ValueError, match="engine folder .*nowhere does not exist"):
+        NOVARunner.from_engines(t2i_engines / "nowhere")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from runtime.backends.base import Backend
+from runtime.backends.base import Backend, BackendUnavailable
 from runtime.graphs.specs import GraphSpec, run_module
 
 
@@ -21,6 +21,8 @@ class TorchBackend(Backend):
 
     def __init__(self, specs: Mapping[str, GraphSpec], device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable(f"the torch backend cannot use {device}: this torch build sees no CUDA GPU")
         self.specs = dict(specs)
         self.modules = {name: spec.build().to(self.device) for name, spec in self.specs.items()}
 
