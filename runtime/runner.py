@@ -173,7 +173,7 @@ class NOVARunner:
                 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
                 engine = OnnxRuntimeBackend({name: folder / _onnx_file(manifest["components"][name]) for name in names},
-                                            device)
+                                            device, tf32=manifest["precision"] != "fp32")
             else:
                 from runtime.backends.tensorrt_backend import TensorRTBackend
 

@@ -25,7 +25,9 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, models: Mapping[str, Path], device: str = "cpu", threads: int | None = None):
+    def __init__(self, models: Mapping[str, Path], device: str = "cpu", threads: int | None = None, tf32: bool = False):
+        """tf32: let the CUDA provider run fp32 matrix work in TF32 (off for fp32 builds, as their parity
+        is measured at fp32; the TensorRT build makes the same choice)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -36,7 +38,7 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendUnavailable("ONNX Runtime has no CUDA execution provider here "
                                          "(install the onnxruntime-gpu extra on a GPU machine)")
             self.device = ("cuda", int(device.partition(":")[2] or 0))
-            providers = [("CUDAExecutionProvider", {"device_id": self.device[1]})]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device[1], "use_tf32": str(int(tf32))})]
         else:
             self.device = ("cpu", 0)
             providers = ["CPUExecutionProvider"]
@@ -46,6 +48,11 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3
         self.sessions = {name: ort.InferenceSession(str(path), options, providers=providers)
                          for name, path in models.items()}
+        off_gpu = [name for name, s in self.sessions.items() if s.get_providers()[0] != providers[0][0]] \
+            if self.device[0] == "cuda" else []
+        if off_gpu:  # ONNX Runtime falls back to the CPU when the CUDA provider fails to load, with a warning only
+            raise BackendUnavailable(f"ONNX Runtime could not start its CUDA provider for {', '.join(off_gpu)} "
+                                     f"(CUDA or cuDNN libraries missing or mismatched?)")
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self.sessions.items()}
         self._static = {name: {o.name: (tuple(o.shape), _NUMPY_TYPES[o.type]) for o in s.get_outputs()
