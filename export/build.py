@@ -28,9 +28,9 @@ from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_c
                              temporal_sequence)
 from runtime.checkpoint import check_weights
 from runtime.configs import CheckpointError, config_files
-from runtime.tokenizer import PromptTokenizer
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
 from runtime.graphs.specs import Checkpoint, GraphSpec, build_specs
+from runtime.tokenizer import PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -180,7 +180,7 @@ class Builder:
         self.checkpoint = Checkpoint(o.checkpoint)
         try:  # everything a graph or the runner will read, before anything is exported
             check_weights(o.checkpoint)
-            config_files(o.checkpoint)
+            self.config_files = config_files(o.checkpoint)
             PromptTokenizer.from_folder(o.checkpoint / "tokenizer")
         except (CheckpointError, ValueError) as error:
             raise BuildError(str(error)) from None
@@ -263,11 +263,7 @@ class Builder:
         """Copy the checkpoint's configs, scheduler and tokenizer into configs/ (the runner reads them
         there, so a deployment needs no checkpoint); replaced as a whole, recorded like an artifact."""
         o, start = self.options, time.perf_counter()
-        source = self.checkpoint.folder
-        try:
-            files = config_files(source)
-        except CheckpointError as error:
-            raise BuildError(str(error)) from None
+        source, files = self.checkpoint.folder, self.config_files
         wanted = [{"file": f"{mf.CONFIGS_DIR}/{f}", "bytes": (source / f).stat().st_size,
                    "sha256": mf.sha256_file(source / f)} for f in files]
         old = self.manifest.get("configs")

@@ -164,8 +164,7 @@ def load_text_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.floa
                       device: torch.device | str = "cpu"):
     encoder, expected = _text_encoder_on_meta(Path(folder))
     load_weights(encoder, Path(folder) / "text_encoder", dtype, device, expected, prefix="model.")
-    config = phi_config_from_dict(read_json(Path(folder) / "text_encoder" / "config.json"))
-    encoder.rotary_emb = type(encoder.rotary_emb)(config).to(device)  # its inv_freq is not in the file
+    encoder.rotary_emb = type(encoder.rotary_emb)(encoder.config).to(device)  # its inv_freq is not in the file
     return encoder.eval()
 
 

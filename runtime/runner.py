@@ -132,9 +132,9 @@ class NOVARunner:
         backend: "auto" (TensorRT if the folder has engines, TensorRT is importable and the device is not
         "cpu"; else ONNX Runtime), "tensorrt", "onnxruntime", or "torch" (the graphs' PyTorch modules,
         weights from the checkpoint the folder was built from). device: "cpu", "cuda" or "cuda:N"; by
-        default "cuda" for TensorRT and "cpu" for the others. Every artifact is checked against the manifest (size and sha256) before
-        use; a missing, partial, edited or mismatched folder is refused with a message that says what to
-        rebuild. The folder is self-contained for tensorrt and onnxruntime: configs and tokenizer are
+        default "cuda" for TensorRT and "cpu" for the others. Every artifact is checked against the
+        manifest (size and sha256) before use; a missing, partial, edited or mismatched folder is refused
+        with a message that says what to rebuild. The folder is self-contained for tensorrt and onnxruntime: configs and tokenizer are
         read from its configs/ copy, and neither torch nor the checkpoint is needed.
         """
         from export.manifest import CONFIGS_DIR, ManifestError, verify_folder
@@ -348,17 +348,14 @@ class NOVARunner:
             # The step's draws in the reference's order (the initial noise, then each noise-adding diffusion
             # step's), each for the whole canvas as the reference draws it; only the step's rows go up. All
             # are uploaded before the step's launches: an upload waits for the device, so it is done once.
-            rows = [_gather_rows(draws.normal(shape, draw_dtype), step.selected, g)
-                    for _ in range(1 + sum(map(sampler.draws_noise, range(len(denoise_steps)))))]
-            x, *noise = [backend.upload(r) for r in rows]
+            x = backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))
+            noise = {j: {"noise": backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))}
+                     for j in range(len(denoise_steps)) if sampler.draws_noise(j)}
             with timer.stage("spatial"):
                 z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
             for j, inputs in enumerate(denoise_steps):
-                feeds = {**inputs, "x": x, "z_selected": z}
-                if sampler.draws_noise(j):
-                    feeds["noise"] = noise.pop(0)
                 with timer.stage("denoise"):
-                    x = run("denoise", feeds)["x_next"]
+                    x = run("denoise", {**inputs, **noise.get(j, {}), "x": x, "z_selected": z})["x_next"]
             with timer.stage("denoise"):
                 canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
             bar.update(1)

@@ -48,9 +48,9 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3
         self.sessions = {name: ort.InferenceSession(str(path), options, providers=providers)
                          for name, path in models.items()}
-        off_gpu = [name for name, s in self.sessions.items() if s.get_providers()[0] != providers[0][0]] \
-            if self.device[0] == "cuda" else []
-        if off_gpu:  # ONNX Runtime falls back to the CPU when the CUDA provider fails to load, with a warning only
+        # ONNX Runtime falls back to the CPU when the CUDA provider fails to load, with a warning only.
+        off_gpu = [name for name, session in self.sessions.items() if session.get_providers()[0] != "CUDAExecutionProvider"]
+        if self.device[0] == "cuda" and off_gpu:
             raise BackendUnavailable(f"ONNX Runtime could not start its CUDA provider for {', '.join(off_gpu)} "
                                      f"(CUDA or cuDNN libraries missing or mismatched?)")
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}

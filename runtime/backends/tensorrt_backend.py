@@ -215,8 +215,11 @@ class TensorRTBackend(Backend):
                                        np.uint8, permanent=True)
         self.contexts = {name: self._context(name) for name in self.engines}
         self.buffers = OutputBuffers(lambda shape, dtype: DeviceArray(self.memory, shape, dtype, graph_output=True))
-        self.staging = {name: InputStaging(self.memory, self._copy) for name, tensors in self.tensors.items()
-                        if all(-1 not in t.shape for t in tensors.values() if t.is_input)}
+        static = [name for name, tensors in self.tensors.items()
+                  if all(-1 not in t.shape for t in tensors.values() if t.is_input)]
+        self.staging = {name: InputStaging(self.memory, self._copy) for name in static}
+        self.static_outputs = {name: {n: (t.shape, t.dtype) for n, t in self.tensors[name].items() if not t.is_input}
+                               for name in static}
         self.cuda_graphs = CudaGraphs(cudart, self.stream)
         self.captured_contexts: dict[tuple, Any] = {}  # one execution context per captured graph, as TensorRT advises
 
@@ -277,7 +280,7 @@ class TensorRTBackend(Backend):
             outputs = self._bind(graph, context, bound)
             self._enqueue(graph, context)
             return outputs
-        outputs = dict(self.buffers.next(graph, {n: (t.shape, t.dtype) for n, t in tensors.items() if not t.is_input}))
+        outputs = dict(self.buffers.next(graph, self.static_outputs[graph]))
         key = (graph, *(a.ptr for a in {**bound, **outputs}.values()))
         if not self.cuda_graphs.replay(key):
             context = self.captured_contexts[key] = self._context(graph)
