@@ -117,8 +117,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     empty negative prompt, which ours skip because its features are never read). max_tokens_per_step:
     the runner's n_max (default: the schedule's largest step).
     """
-    from runtime.graphs.profile import known_slots
-    from runtime.graphs.specs import VIDEO_VAE_WINDOW
+    from runtime.graphs.profile import VIDEO_VAE_WINDOW, known_slots
     from runtime.schedules import mask_schedule
 
     rows = batch * (2 if cfg else 1)
@@ -151,10 +150,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
 
 def for_checkpoint(folder, **options) -> dict[str, dict[str, float]]:
     """`request(...)` with the configs read from a checkpoint folder."""
-    from pathlib import Path
+    from runtime.configs import CheckpointConfigs
 
-    from runtime import checkpoint
-
-    folder = Path(folder)
-    return request(checkpoint.transformer_config(folder), checkpoint.read_json(folder / "text_encoder" / "config.json"),
-                   checkpoint.read_json(folder / "vae" / "config.json"), **options)
+    configs = CheckpointConfigs.read(folder)
+    return request(configs.transformer, configs.text_encoder, configs.vae, **options)

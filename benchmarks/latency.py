@@ -218,7 +218,7 @@ def run_benchmark(args) -> dict[str, Any]:
     from benchmarks import flops as flop_counts
     from benchmarks.targets import build_profile
     from runtime.graphs.profile import Geometry
-    from runtime.graphs.specs import Checkpoint
+    from runtime.configs import CheckpointConfigs
 
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(args.threads)
@@ -231,7 +231,7 @@ def run_benchmark(args) -> dict[str, Any]:
     options = {"num_inference_steps": args.steps, "num_diffusion_steps": args.diffusion_steps,
                "guidance_scale": args.guidance_scale, "max_latent_length": args.frames}
     profile = build_profile(checkpoint, args.steps, args.frames, args.guidance_scale)
-    geometry = Geometry.from_config(Checkpoint(checkpoint).config, profile)
+    geometry = Geometry.from_config(CheckpointConfigs.read(checkpoint).transformer, profile)
     counts = flop_counts.for_checkpoint(checkpoint, steps=args.steps, diffusion_steps=args.diffusion_steps,
                                         frames=args.frames, cfg=args.guidance_scale > 1,
                                         max_tokens_per_step=geometry.max_tokens_per_step)

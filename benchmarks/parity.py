@@ -148,7 +148,7 @@ def _pixels(output) -> np.ndarray:
 # Recording graph calls
 # ---------------------------------------------------------------------------------------------------
 def expected_calls(runner, options: dict[str, Any]) -> dict[str, int]:
-    from runtime.graphs.specs import VIDEO_VAE_WINDOW
+    from runtime.graphs.profile import VIDEO_VAE_WINDOW
     from runtime.schedules import mask_schedule
 
     g = runner.geometry
@@ -199,8 +199,6 @@ def replay_graph_calls(runner, records: list[dict[str, Any]]) -> list[dict[str, 
     """Run the recorded inputs through `runner`'s backend (cast to its input dtypes) -> errors per output."""
     import torch
 
-    from runtime.graphs.specs import DTYPE_NAMES
-
     backend, out = runner.backend, []
     for record in records:
         declaration = runner.graphs[record["graph"]]
@@ -211,7 +209,7 @@ def replay_graph_calls(runner, records: list[dict[str, Any]]) -> list[dict[str, 
                 continue
             value = record["inputs"][name]
             if backend.name == "torch":
-                feeds[name] = backend.upload(np.ascontiguousarray(value)).to(DTYPE_NAMES[dtype])
+                feeds[name] = backend.upload(np.ascontiguousarray(value)).to(getattr(torch, dtype))
             else:
                 feeds[name] = backend.upload(np.ascontiguousarray(value.astype(_numpy_dtype(dtype))))
         with torch.no_grad():
@@ -235,8 +233,8 @@ def fp64_graph_errors(runner, records: list[dict[str, Any]]) -> list[dict[str, A
 
     import torch
 
-    from runtime.graphs.modules import GraphModule
-    from runtime.graphs.specs import run_module
+    from runtime.graphs.common import GraphModule
+    from runtime.graphs.contract import run_module
 
     backend, out = runner.backend, []
     for graph in dict.fromkeys(r["graph"] for r in records):

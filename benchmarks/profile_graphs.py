@@ -85,7 +85,7 @@ def profile_torch(module, spec, inputs: dict[str, Any], runs: int) -> dict[str, 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from runtime.graphs.specs import run_module
+    from runtime.graphs.contract import run_module
 
     tensors = {k: torch.from_numpy(v) if hasattr(v, "dtype") and not torch.is_tensor(v) else v
                for k, v in inputs.items()}
@@ -122,21 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from runtime.configs import CheckpointConfigs
+    from runtime.engine_folder import EngineFolder
     from runtime.graphs.profile import BuildProfile
-    from runtime.graphs.specs import Checkpoint, build_specs
+    from runtime.graphs.specs import build_specs
 
     env = common.environment("cpu")
-    manifest = json.loads((args.engines / "manifest.json").read_text())
-    checkpoint = Checkpoint(manifest["checkpoint"]["path"])
+    engines = EngineFolder.open(args.engines)
+    manifest = engines.manifest
+    checkpoint = CheckpointConfigs.read(manifest["checkpoint"]["path"])
     specs = build_specs(checkpoint, BuildProfile(**manifest["profile"]), manifest["precision"],
                         manifest.get("overrides") or None, manifest["backend"])
     results = {}
     for graph in args.graphs.split(","):
         spec = specs[graph]
         inputs = {k: v.numpy() for k, v in spec.sample(spec.dims_at("opt"), torch.Generator().manual_seed(0)).items()}
-        onnx_file = next(a["file"] for a in manifest["components"][graph]["artifacts"] if a["file"].endswith(".onnx"))
         print(f"profiling {graph}", file=sys.stderr)
-        ort_result = profile_ort(args.engines / onnx_file, inputs, args.runs, args.threads)
+        ort_result = profile_ort(engines.onnx_path(graph), inputs, args.runs, args.threads)
         torch_result = profile_torch(spec.build(), spec, inputs, args.runs)
         results[graph] = {"onnxruntime": {**ort_result, "by_category_s": by_category(ort_result["per_op_s"])},
                           "torch": {**torch_result, "by_category_s": by_category(torch_result["per_op_s"])}}

@@ -27,9 +27,11 @@ from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_graph
 from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_cases, ort_session, reference_cases,
                              temporal_sequence)
 from runtime.checkpoint import check_weights
-from runtime.configs import CheckpointError, config_files
+from runtime.configs import CheckpointConfigs, CheckpointError, config_files
+from runtime.graphs.common import ModuleCache
+from runtime.graphs.contract import GraphSpec
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
-from runtime.graphs.specs import Checkpoint, GraphSpec, build_specs
+from runtime.graphs.specs import build_specs
 from runtime.tokenizer import PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,16 +179,17 @@ class Builder:
             except tensorrt_build.TensorRTUnavailable as error:
                 raise BuildError(f"TensorRT is installed but cannot build engines here: {error}.") from None
         _check_out_folder(o.out, o.checkpoint)
-        self.checkpoint = Checkpoint(o.checkpoint)
         try:  # everything a graph or the runner will read, before anything is exported
+            self.checkpoint = CheckpointConfigs.read(o.checkpoint)
             check_weights(o.checkpoint)
             self.config_files = config_files(o.checkpoint)
             PromptTokenizer.from_folder(o.checkpoint / "tokenizer")
         except (CheckpointError, ValueError) as error:
             raise BuildError(str(error)) from None
         try:
-            self.specs = build_specs(self.checkpoint, o.profile, o.precision, o.overrides, self.backend)
-            self.geometry = Geometry.from_config(self.checkpoint.config, o.profile)
+            self.modules = ModuleCache(o.checkpoint)
+            self.specs = build_specs(self.checkpoint, o.profile, o.precision, o.overrides, self.backend, self.modules)
+            self.geometry = Geometry.from_config(self.checkpoint.transformer, o.profile)
         except ValueError as error:
             raise BuildError(str(error)) from None
         if o.only:
@@ -208,7 +211,7 @@ class Builder:
     # -- keys ----------------------------------------------------------------------------------------
     def key_parts(self, spec: GraphSpec) -> dict[str, Any]:
         ck, o = self.checkpoint, self.options
-        weights = {"config": ck.config_dict(spec.component)}
+        weights = {"config": ck.component_config(spec.component)}
         if spec.component:
             weights["tensors"] = self.weights.component(ck.folder / spec.component, spec.weight_prefixes)
         toolchain = {k: v for k, v in self.versions.items() if k != "onnxruntime"}
@@ -364,7 +367,7 @@ class Builder:
                 if spec.component == "text_encoder":  # Phi-2 is large: free the torch copy before ORT loads its own
                     cases = self._cases(spec, module)
                     module = None
-                    self.checkpoint.release("text_encoder")
+                    self.modules.release("text_encoder")
                     validation = self._validate(spec, lambda: cases, onnx_path)
                 else:
                     validation = self._validate(spec, lambda: self._cases(spec, module), onnx_path)
@@ -393,7 +396,7 @@ class Builder:
         if spec.precision == "fp32":
             return None
         o = self.options
-        return build_specs(self.checkpoint, o.profile, "fp32", None, self.backend)[spec.name]
+        return build_specs(self.checkpoint, o.profile, "fp32", None, self.backend, self.modules)[spec.name]
 
     def _cases(self, spec: GraphSpec, module, seed: int = 1) -> list[dict[str, Any]]:
         twin = self.fp32_twin(spec)
@@ -425,8 +428,8 @@ class Builder:
                              "temporal_step on a fresh folder)")
         prefill_session = ort_session(prefill_onnx, self.options.threads)
         frames = min(self.options.validate_frames, self.geometry.max_latent_length)
-        model = self.checkpoint.module("transformer", step.precision)
-        fp32_model = self.checkpoint.module("transformer", "fp32") if step.precision != "fp32" else None
+        model = self.modules("transformer", step.precision)
+        fp32_model = self.modules("transformer", "fp32") if step.precision != "fp32" else None
         return temporal_sequence(
             prefill, step, lambda feed: prefill_session.run(None, feed), lambda feed: step_session.run(None, feed),
             model, self.geometry, frames, fp32_model=fp32_model)
@@ -484,7 +487,7 @@ class Builder:
         needed = {self.specs[n].component for n in remaining}
         for component in ("transformer", "text_encoder", "vae"):
             if component not in needed:
-                self.checkpoint.release(component)
+                self.modules.release(component)
 
     def _manifest_body(self) -> dict[str, Any]:
         o = self.options

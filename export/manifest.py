@@ -1,6 +1,7 @@
-"""The manifest beside built artifacts, content keys, and artifact verification.
+"""The build side of an engine folder's manifest: content keys and atomic writes.
 
-`manifest.json` records, per component (graph): its content key and the parts it hashes, the
+Reading and verifying a folder is `runtime/engine_folder.py` (the runner uses it without any build
+code). `manifest.json` records, per component (graph): its content key and the parts it hashes, the
 artifact files with their size and sha256, the declared I/O, the precision, the validation report
 and, for TensorRT, the engine with its own key. The manifest carries a checksum of its own content;
 every write is atomic (temporary file + rename).
@@ -26,35 +27,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-MANIFEST_NAME = "manifest.json"
-CONFIGS_DIR = "configs"  # the checkpoint's configs, scheduler and tokenizer, copied: the runner reads them there
-FORMAT = 1
+from runtime.engine_folder import (CONFIGS_DIR, FORMAT, MANIFEST_NAME, ManifestError, check_artifacts,  # noqa: F401
+                                   digest, load_manifest, sha256_file)
+
 WEIGHT_CACHE_NAME = ".weight-digests.json"  # speed only: per-tensor digests keyed by file size + mtime
-
-
-class ManifestError(ValueError):
-    """A manifest or an artifact it lists is unreadable, edited, or does not match."""
 
 
 # -------------------------------------------------------------------------------------------------
 # Hashing
 # -------------------------------------------------------------------------------------------------
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(canonical(obj)).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_digest(root: Path, paths: Iterable[str]) -> str:
     """Digest of the named repository files' contents (the export code version)."""
     h = hashlib.sha256()
@@ -166,82 +147,13 @@ def artifact_record(path: Path, folder: Path) -> dict[str, Any]:
     return {"file": str(path.relative_to(folder)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def check_artifacts(records: list[dict[str, Any]], folder: Path) -> str | None:
-    """None when every listed file exists with its recorded size and sha256, else the first problem."""
-    for record in records:
-        path = folder / record["file"]
-        if not path.is_file():
-            return f"{record['file']} is missing"
-        if path.stat().st_size != record["bytes"]:
-            return f"{record['file']} was modified after the build (size {path.stat().st_size}, recorded {record['bytes']})"
-        if sha256_file(path) != record["sha256"]:
-            return f"{record['file']} was modified after the build (sha256 mismatch)"
-    return None
-
-
 # -------------------------------------------------------------------------------------------------
 # The manifest
 # -------------------------------------------------------------------------------------------------
-def load_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of an engine folder; None if there is none; ManifestError if it is corrupt."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ManifestError(f"{path} is not valid JSON ({error}); it was damaged or edited by hand") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "checksum" not in manifest:
-        raise ManifestError(f"{path} is not a manifest of format {FORMAT} written by export/build_engines.py")
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    if digest(body) != manifest["checksum"]:
-        raise ManifestError(f"{path} was edited after the build (its checksum does not match its content)")
-    if not isinstance(manifest.get("components"), dict):
-        raise ManifestError(f"{path} has no components table")
-    return manifest
-
-
 def save_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     body["format"] = FORMAT
     atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps({**body, "checksum": digest(body)}, indent=2) + "\n")
-
-
-def verify_folder(folder: str | os.PathLike, backend: str | None = None) -> dict[str, Any]:
-    """For consumers (the runner): load the manifest and check every artifact's size and sha256.
-    Raises ManifestError with a clear message on the first problem. -> the manifest."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ManifestError(f"engine folder {folder} {'is a file' if folder.exists() else 'does not exist'}: give the "
-                            f"folder written by `python export/build_engines.py --checkpoint CKPT --out FOLDER`")
-    manifest = load_manifest(folder)
-    if manifest is None:
-        raise ManifestError(f"{folder} has no {MANIFEST_NAME}, so it is not an engine folder: build one with "
-                            f"`python export/build_engines.py --checkpoint CKPT --out FOLDER`")
-    lacking = [k for k in ("profile", "geometry", "graph_order", "components", "precision", "checkpoint")
-               if k not in manifest]
-    lacking += [f"components.{n}.{k}" for n, e in manifest.get("components", {}).items()
-                for k in ("declaration", "artifacts") if not e.get(k)]
-    if lacking:
-        raise ManifestError(f"{folder}/{MANIFEST_NAME} lacks {', '.join(lacking)}: it was not written by this "
-                            f"version's build; rebuild with export/build_engines.py")
-    if not manifest.get("configs"):
-        raise ManifestError(f"{folder} has no {CONFIGS_DIR}/ (the checkpoint's configs and tokenizer): it was built by an "
-                            f"older version or the build did not finish; rebuild with export/build_engines.py")
-    problem = check_artifacts(manifest["configs"], folder)
-    if problem:
-        raise ManifestError(f"{folder}: {problem}; rebuild with export/build_engines.py")
-    for name, entry in manifest["components"].items():
-        records = list(entry.get("artifacts", []))
-        if backend == "tensorrt":
-            if not entry.get("engine"):
-                raise ManifestError(f"{folder}: component {name} has no TensorRT engine; rebuild with --backend tensorrt "
-                                    f"on a machine with TensorRT and a GPU")
-            records += entry["engine"]["artifacts"]
-        problem = check_artifacts(records, folder)
-        if problem:
-            raise ManifestError(f"{folder}: component {name}: {problem}; rebuild with export/build_engines.py")
-    return manifest
 
 
 PART_LABELS = {

@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 import torch
 
-from runtime.graphs.specs import GraphSpec
+from runtime.graphs.contract import GraphSpec
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.manifest import atomic_write_bytes
-from runtime.graphs.specs import GraphSpec
+from runtime.graphs.contract import GraphSpec
 
 TIMING_CACHE_NAME = "timing.cache"
 
@@ -178,8 +178,6 @@ def run_engine(plan_path: Path, spec: GraphSpec, inputs: dict[str, Any]) -> list
     import tensorrt as trt
     import torch
 
-    from runtime.graphs.specs import DTYPE_NAMES
-
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
     if engine is None:
@@ -193,7 +191,7 @@ def run_engine(plan_path: Path, spec: GraphSpec, inputs: dict[str, Any]) -> list
         keep.append(tensor)
     outputs = []
     for t in spec.outputs:
-        tensor = torch.empty(tuple(context.get_tensor_shape(t.name)), dtype=DTYPE_NAMES[t.dtype], device="cuda")
+        tensor = torch.empty(tuple(context.get_tensor_shape(t.name)), dtype=t.torch_dtype, device="cuda")
         context.set_tensor_address(t.name, tensor.data_ptr())
         outputs.append(tensor)
     stream = torch.cuda.Stream()

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.graphs.modules import fp32_islands
+from runtime.graphs.common import fp32_islands
+from runtime.graphs.contract import GraphSpec, run_module
 from runtime.graphs.profile import frame_position
-from runtime.graphs.specs import GraphSpec, run_module
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,36 +1,30 @@
 """A checkpoint's configs, scheduler and tokenizer files: everything but the weights (torch-free).
 
-The runner needs these besides its graphs. `export/build_engines.py` copies them into the engine
-folder (`configs/`, same layout as the checkpoint), so a deployment needs neither the checkpoint nor
-torch: `CheckpointConfigs.read` reads a checkpoint folder and such a copy alike.
+`CheckpointConfigs` is the one reader of a checkpoint folder's configs: the runner, the graph
+declarations and the build all use it (weights are loaded by `runtime.checkpoint`).
+`export/build_engines.py` copies these files into the engine folder (`configs/`, same layout as the
+checkpoint), so a deployment needs neither the checkpoint nor torch: `CheckpointConfigs.read` reads a
+checkpoint folder and such a copy alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from runtime.files import CheckpointError, read_json
 from runtime.model.config import NOVAConfig
+from runtime.schedules import checked_config
 
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 CONFIG_FILES = ("model_index.json", "transformer/config.json", "text_encoder/config.json", "vae/config.json",
                 "scheduler/scheduler_config.json")  # plus every file of tokenizer/
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, malformed or does not match its configs."""
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+__all__ = ["CheckpointConfigs", "CheckpointError", "config_files", "is_video_vae", "model_index", "read_json",
+           "scheduler_config", "transformer_config"]
 
 
 def model_index(folder: str | os.PathLike) -> dict[str, Any]:
@@ -68,6 +62,18 @@ def config_files(folder: str | os.PathLike) -> list[str]:
     return list(CONFIG_FILES) + tokenizer
 
 
+def scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """`scheduler_config.json` of folder, checked and completed by `checked_config` (no torch, no diffusers)."""
+    path = Path(folder) / "scheduler_config.json"
+    return checked_config(read_json(path), str(path))
+
+
+def is_video_vae(vae_config: Mapping[str, Any]) -> bool:
+    """Whether a VAE config (a checkpoint's vae/config.json, or a loaded VAE's `.config`) is the
+    Open-Sora-Plan causal video VAE rather than an image VAE."""
+    return vae_config.get("_class_name") == "AutoencoderKLOpenSora"
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfigs:
     """What the runner reads from a checkpoint (or an engine folder's copy): no weights."""
@@ -80,16 +86,23 @@ class CheckpointConfigs:
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "CheckpointConfigs":
-        from runtime.schedules import scheduler_config
-
         root = Path(folder)
         model_index(root)
         return cls(root, transformer_config(root), read_json(root / "text_encoder" / "config.json"),
                    read_json(root / "vae" / "config.json"), scheduler_config(root / "scheduler"))
 
     @property
+    def name(self) -> str:
+        return self.folder.resolve().name
+
+    @property
     def video_vae(self) -> bool:
-        return self.vae.get("_class_name") == "AutoencoderKLOpenSora"
+        return is_video_vae(self.vae)
+
+    def component_config(self, component: str | None) -> dict[str, Any]:
+        """The config of a weight-holding component (what a graph's weights key hashes); {} for none."""
+        return {"transformer": self.transformer.to_dict(), "text_encoder": self.text_encoder, "vae": self.vae,
+                None: {}}[component]
 
     @property
     def tokenizer(self) -> Path:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime import checkpoint
+from runtime.configs import scheduler_config
 from runtime.draws import RandomDraws
 from runtime.model import vae as vae_ops
 from runtime.model.kv_cache import KVCache
@@ -56,7 +57,7 @@ class ReferencePipeline:
                    text_encoder=checkpoint.load_text_encoder(folder, dtype, device),
                    tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
                    vae=checkpoint.load_vae(folder, dtype, device),
-                   scheduler=load_scheduler(os.path.join(folder, "scheduler")))
+                   scheduler=load_scheduler(scheduler_config(os.path.join(folder, "scheduler"))))
 
     @property
     def config(self):

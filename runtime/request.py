@@ -82,10 +82,14 @@ def _embeds_list(name: str, value, dim: int, count: int | None = None) -> list:
     return list(value)
 
 
-def validate_request(config, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     num_inference_steps, num_diffusion_steps, guidance_scale, max_latent_length,
-                     motion_flow, image, num_images_per_prompt) -> Request:
-    """Check every option against the checkpoint before any work; raise ValueError naming the problem."""
+def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                     num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0, max_latent_length=1,
+                     motion_flow=None, image=None, num_images_per_prompt=1, **unknown) -> Request:
+    """The official pipeline's options with its defaults (the one place the runner takes them from),
+    checked against the checkpoint before any work; raise ValueError naming the problem (TypeError for
+    an option that does not exist)."""
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds")
     prompts = _prompt_list("prompt", prompt) if prompt is not None else None

@@ -31,21 +31,19 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.configs import CheckpointConfigs, CheckpointError
 from runtime.draws import NumpyDraws, RandomDraws
+from runtime.engine_folder import EngineFolder, ManifestError
 from runtime.graphs.profile import NO_CLIP, VIDEO_VAE_WINDOW, BuildProfile, Geometry, frame_position
 from runtime.request import Request, validate_request
 from runtime.schedules import SamplerTable, mask_schedule
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
-_OPTION_DEFAULTS = dict(negative_prompt=None, num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0,
-                        max_latent_length=1, motion_flow=None, image=None, num_images_per_prompt=1, prompt_embeds=None,
-                        negative_prompt_embeds=None)
 
 
 @dataclasses.dataclass
@@ -54,6 +52,15 @@ class RunnerOutput:
     images: np.ndarray | None = None  # [B, H, W, 3] uint8 (image VAE)
     frames: np.ndarray | None = None  # [B, T', H, W, 3] uint8 (video VAE)
     timings: dict[str, float] | None = None  # seconds per stage, on request
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A validated request and what follows from it alone, computed once."""
+
+    request: Request
+    schedule: list[int]  # tokens predicted per mask step
+    sampler: SamplerTable
 
 
 @dataclasses.dataclass
@@ -65,14 +72,8 @@ class _MaskStep:
     place: dict  # selected, valid
 
 
-def _patchify(x: np.ndarray, patch: int) -> np.ndarray:
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
 class _Timer:
-    def __init__(self, backend, enabled: bool):
+    def __init__(self, backend: Backend, enabled: bool):
         self.backend, self.enabled, self.seconds = backend, enabled, defaultdict(float)
 
     @contextlib.contextmanager
@@ -102,6 +103,7 @@ class NOVARunner:
         self.config = configs.transformer
         self.geometry = Geometry.from_config(self.config, profile)
         self.tokenizer = PromptTokenizer.from_folder(configs.tokenizer)
+        self._draw_dtype = self.graphs["denoise"]["precision"]  # draws in the head's dtype, as the reference
         self._lock = threading.Lock()
         missing = [name for name in self.graphs if name not in backend.graphs]
         if missing:
@@ -113,17 +115,14 @@ class NOVARunner:
                         device: str = "cpu") -> "NOVARunner":
         """The torch backend straight from a checkpoint folder (no export): the graphs' own modules."""
         from runtime.backends import BackendUnavailable
-        from runtime.backends.torch_backend import TorchBackend
-        from runtime.graphs.specs import Checkpoint, build_specs
 
         _check_device(device)
-        profile = profile or BuildProfile()
-        specs = build_specs(Checkpoint(folder), profile, precision)
+        configs, profile = CheckpointConfigs.read(folder), profile or BuildProfile()
         try:
-            backend = TorchBackend(specs, device)
+            backend = _torch_backend(configs, profile, precision, None, "onnxruntime", device)
         except BackendUnavailable as error:
             raise ValueError(str(error)) from None
-        return cls(backend, CheckpointConfigs.read(folder), profile, {name: spec.describe() for name, spec in specs.items()})
+        return cls(backend, configs, profile, {name: spec.describe() for name, spec in backend.specs.items()})
 
     @classmethod
     def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None) -> "NOVARunner":
@@ -134,94 +133,87 @@ class NOVARunner:
         weights from the checkpoint the folder was built from). device: "cpu", "cuda" or "cuda:N"; by
         default "cuda" for TensorRT and "cpu" for the others. Every artifact is checked against the
         manifest (size and sha256) before use; a missing, partial, edited or mismatched folder is refused
-        with a message that says what to rebuild. The folder is self-contained for tensorrt and onnxruntime: configs and tokenizer are
-        read from its configs/ copy, and neither torch nor the checkpoint is needed.
+        with a message that says what to rebuild. The folder is self-contained for tensorrt and
+        onnxruntime: configs and tokenizer are read from its configs/ copy, and neither torch nor the
+        checkpoint is needed.
         """
-        from export.manifest import CONFIGS_DIR, ManifestError, verify_folder
         from runtime.backends import BACKENDS, BackendUnavailable
 
-        folder = Path(folder)
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
         if device is not None:
             _check_device(device)
         if backend == "auto":
             on_gpu = device is None or device.startswith("cuda")
-            backend = "tensorrt" if on_gpu and _has_engines(folder) and _tensorrt_importable() else "onnxruntime"
+            backend = "tensorrt" if on_gpu and any(Path(folder).glob("*.plan")) and _tensorrt_importable() \
+                else "onnxruntime"
         device = device or ("cuda" if backend == "tensorrt" else "cpu")
         try:
-            manifest = verify_folder(folder, "tensorrt" if backend == "tensorrt" else None)
-            configs = CheckpointConfigs.read(folder / CONFIGS_DIR)
+            engines = EngineFolder.open(folder, engines=backend == "tensorrt")
+            configs = CheckpointConfigs.read(engines.configs_path)
         except (ManifestError, CheckpointError) as error:
             raise ValueError(str(error)) from None
-        try:
-            profile = BuildProfile(**manifest["profile"])
-        except TypeError as error:
-            raise ValueError(f"{folder}: its build profile does not fit this version ({error}); rebuild with "
-                             f"export/build_engines.py") from None
-        if Geometry.from_config(configs.transformer, profile).to_dict() != manifest["geometry"]:
-            raise ValueError(f"{folder} was built by another version of this runtime (its graph geometry differs from "
-                             f"what this version derives); rebuild with export/build_engines.py")
-        names = manifest["graph_order"]
-        missing = [name for name in names if name not in manifest["components"]]
-        if missing:
-            raise ValueError(f"{folder} is a partial build: no {', '.join(missing)}; rebuild with export/build_engines.py")
+        manifest, profile = engines.manifest, BuildProfile(**engines.manifest["profile"])
         try:
             if backend == "torch":
-                engine = _torch_backend(manifest, profile, device)
+                engine = _torch_backend(_built_checkpoint(manifest), profile, manifest["precision"],
+                                        manifest["overrides"] or None, manifest["backend"], device)
             elif backend == "onnxruntime":
                 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-                engine = OnnxRuntimeBackend({name: folder / _onnx_file(manifest["components"][name]) for name in names},
-                                            device, tf32=manifest["precision"] != "fp32")
+                engine = OnnxRuntimeBackend({name: engines.onnx_path(name) for name in engines.graphs}, device,
+                                            tf32=manifest["precision"] != "fp32")
             else:
                 from runtime.backends.tensorrt_backend import TensorRTBackend
 
-                engine = TensorRTBackend({name: folder / _engine_file(manifest["components"][name]) for name in names},
-                                         device)
+                engine = TensorRTBackend({name: engines.plan_path(name) for name in engines.graphs}, device)
         except BackendUnavailable as error:
             raise ValueError(str(error)) from None
-        return cls(engine, configs, profile, {name: manifest["components"][name]["declaration"] for name in names})
+        return cls(engine, configs, profile, {name: engines.declaration(name) for name in engines.graphs})
 
     # -- public API -----------------------------------------------------------------------------------
-    def __call__(self, prompt: str | Sequence[str] | None = None, *, negative_prompt=None,
-                 num_inference_steps: int = 64, num_diffusion_steps: int = 25, guidance_scale: float = 5.0,
-                 max_latent_length: int = 1, motion_flow: float | None = None, image: np.ndarray | None = None,
-                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
-                 draws: RandomDraws | NumpyDraws | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                 return_timings: bool = False, progress: bool = False) -> RunnerOutput:
-        """Generate; the options and defaults are the official pipeline's (see README). return_timings: seconds
-        per stage in the output; progress: a progress bar over the mask steps (on stderr)."""
-        options = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                       num_diffusion_steps=num_diffusion_steps, guidance_scale=guidance_scale,
-                       max_latent_length=max_latent_length, motion_flow=motion_flow, image=image,
-                       num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
-                       negative_prompt_embeds=negative_prompt_embeds)
-        result: dict = {}
-        chunks = list(self._generate(options, seed, generator, draws, return_timings, result, progress))
+    def __call__(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
+                 draws: RandomDraws | NumpyDraws | None = None, return_timings: bool = False, progress: bool = False,
+                 **options) -> RunnerOutput:
+        """Generate. options: those of the official pipeline with its defaults (`runtime.request.validate_request`,
+        the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
+        max_latent_length, motion_flow, image, num_images_per_prompt, prompt_embeds, negative_prompt_embeds.
+        seed or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage
+        in the output; progress: a progress bar over the mask steps (on stderr)."""
+        plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
+        timer, chunks = _Timer(self.backend, return_timings), []
+        with self._lock:
+            latents = _drain(self._generate(plan, draws, timer, progress), chunks.append)
         decoded = np.concatenate(chunks, axis=1 if chunks[0].ndim == 5 else 0)
-        kind = "frames" if decoded.ndim == 5 else "images"
-        return RunnerOutput(latents=result["latents"], timings=result.get("timings"), **{kind: decoded})
+        return RunnerOutput(latents=latents, timings=dict(timer.seconds) if return_timings else None,
+                            **{"frames" if decoded.ndim == 5 else "images": decoded})
 
     def stream(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
                draws: RandomDraws | NumpyDraws | None = None, **options) -> Iterator[np.ndarray]:
         """Yield decoded pixels as soon as they exist: the images, or each window of video frames
         ([B, T_window, H, W, 3]: 17 frames for the first window of 5 latents, 16 for each later one).
-        Takes the options of `__call__` except `return_timings` and `progress`."""
-        unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
-        if unknown:
-            raise TypeError(f"unknown options: {', '.join(unknown)}")
-        yield from self._generate({**_OPTION_DEFAULTS, **options, "prompt": prompt}, seed, generator, draws, False, {})
+        Takes the options of `__call__` except `return_timings` and `progress`. The request is checked
+        when this is called, before the first frame is asked for."""
+        plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
 
-    # -- request checks -----------------------------------------------------------------------------
+        def frames() -> Iterator[np.ndarray]:
+            with self._lock:
+                yield from self._generate(plan, draws, _Timer(self.backend, False), False)
+
+        return frames()
+
     def describe_build(self) -> str:
         g = self.geometry
         return (f"{g.batch} image(s) per call ({self.profile.prompts} prompt(s) x {self.profile.images_per_prompt}), "
                 f"CFG {'on' if g.cfg else 'off'}, up to {g.max_latent_length} latent frame(s), "
                 f"up to {g.max_tokens_per_step} tokens per mask step")
 
-    def check(self, request: Request) -> None:
-        """Refuse requests the graphs cannot serve, naming what they were built for."""
+    # -- request checks -----------------------------------------------------------------------------
+    def _plan(self, prompt, options: dict) -> _Plan:
+        """Validate the request and refuse what the graphs cannot serve, naming what they were built for."""
+        request = validate_request(self.config, prompt, **options)
+        plan = _Plan(request, mask_schedule(self.geometry.num_tokens, request.num_inference_steps),
+                     SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps))
         g, built = self.geometry, f"these engines were built for {self.describe_build()}"
         if request.batch > g.batch:
             raise ValueError(f"{request.num_prompts} prompt(s) x {request.num_images_per_prompt} image(s) = "
@@ -233,83 +225,82 @@ class NOVARunner:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
         if request.image is not None and "vae_encoder" not in self.graphs:
             raise ValueError(f"image-to-video needs the VAE encoder graph, which was not built; {built}")
-        peak = max(mask_schedule(g.num_tokens, request.num_inference_steps))
-        if peak > g.max_tokens_per_step:
-            raise ValueError(f"num_inference_steps {request.num_inference_steps} predicts up to {peak} tokens in one "
-                             f"step; {built}, i.e. num_inference_steps >= {self.profile.min_mask_steps} (rebuild with "
-                             f"--min-mask-steps {request.num_inference_steps} for fewer)")
+        if max(plan.schedule) > g.max_tokens_per_step:
+            raise ValueError(f"num_inference_steps {request.num_inference_steps} predicts up to {max(plan.schedule)} "
+                             f"tokens in one step; {built}, i.e. num_inference_steps >= {self.profile.min_mask_steps} "
+                             f"(rebuild with --min-mask-steps {request.num_inference_steps} for fewer)")
         if request.prompts is not None:
             rows = request.num_prompts * (2 if request.guided and request.negative_prompts else 1)
             if rows > g.text_batch:
                 raise ValueError(f"{rows} prompts to encode in one call; {built}")
+        return plan
 
     # -- the loops ------------------------------------------------------------------------------------
-    def _generate(self, options: dict, seed, generator, draws, return_timings: bool, result: dict,
-                  progress: bool = False) -> Iterator[np.ndarray]:
-        request = validate_request(self.config, **options)
-        self.check(request)
-        draws = draws or _draws(seed, generator)
-        with self._lock:
-            timer = _Timer(self.backend, return_timings)
-            latents = []
-            yield from self._run(request, draws, timer, latents, progress)
-            result["latents"] = np.stack(latents, axis=2)[: request.batch]
-            if return_timings:
-                result["timings"] = dict(timer.seconds)
-
-    def _run(self, request: Request, draws, timer: _Timer, latents: list, progress: bool) -> Iterator[np.ndarray]:
+    # Buffer lifetime: a graph's output stays valid until that graph has run twice more (`Backend`). The
+    # loops rely on it where an output feeds the same graph's next call (x -> denoise, canvas -> place,
+    # the KV cache -> temporal_step) and where one is held while other graphs run (the indicator and
+    # anchor through a frame, z_selected through a mask step's diffusion steps).
+    def _generate(self, plan: _Plan, draws, timer: _Timer, progress: bool) -> Generator[np.ndarray, None, np.ndarray]:
+        """Yield decoded pixels as they become decodable; -> the latents [B, C, T, h, w]."""
         from tqdm.auto import tqdm
 
-        g, backend, run = self.geometry, self.backend, self.backend.run
-        batch, frames = request.batch, request.max_latent_length
-        draw_dtype = self.graphs["denoise"]["precision"]
-        schedule = mask_schedule(g.num_tokens, request.num_inference_steps)
-        sampler = SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps)
-        denoise_steps = self._denoise_inputs(sampler, request.guidance_scale)
+        g, request, run, upload = self.geometry, plan.request, self.backend.run, self.backend.upload
+        frames = request.max_latent_length
+        feeds = self._sampler_feeds(plan)
 
+        # 1. text: Phi-2 features (+ motion flow) per CFG row
         with timer.stage("text"):
             prefill = self._text_inputs(request)
-        first_latent = None
-        if request.image is not None:  # the posterior sample is the first draw
-            noise = _numpy(draws.normal((1, g.channels, *g.latent_size), "fp32"))
-            with timer.stage("vae"):
-                encoded = run("vae_encoder", {"image": backend.upload(request.image[None]),
-                                              "noise": backend.upload(noise.astype(np.float32))})["latent"]
-            first_latent = np.repeat(backend.download(encoded), g.batch, axis=0)
-
-        prefill["frame_position"] = frame_position(0, frames, g.base_t)
+        # 2. image-to-video: the first frame is the image's latent (the posterior sample is the first draw)
+        first_latent = self._encode_image(request.image, draws, timer) if request.image is not None else None
+        # 3. temporal prefill: frame 0's indicator (the anchor of every later frame) and the KV cache
         with timer.stage("temporal"):
-            out = run("temporal_prefill", {k: backend.upload(v) for k, v in prefill.items()})
+            out = run("temporal_prefill", {k: upload(v) for k, v in
+                                           {**prefill, "frame_position": frame_position(0, frames, g.base_t)}.items()})
         indicator = anchor = out["indicator"]
         cache = (out.get("k_cache"), out.get("v_cache"))
 
+        latents: list[np.ndarray] = []
         mask_steps = None  # drawn with the first generated frame, as the reference draws the token order
-        decoded_until = 0
         generated = frames - (first_latent is not None)
-        with tqdm(total=generated * len(schedule), unit="step", desc="mask steps", disable=not progress,
+        with tqdm(total=generated * len(plan.schedule), unit="step", desc="mask steps", disable=not progress,
                   leave=False) as bar:
             for t in range(frames):
+                # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
-                    inputs = {"prev_latent": backend.upload(latents[-1]),
-                              "frame_position": frame_position(t, frames, g.base_t),
-                              "k_cache": cache[0], "v_cache": cache[1],
-                              "cache_length": np.array([g.condition_len + t * g.num_video_tokens], np.int64)}
-                    if g.has_mixer:
-                        inputs["anchor"] = anchor
-                    with timer.stage("temporal"):
-                        out = run("temporal_step", {k: backend.upload(v) if isinstance(v, np.ndarray) else v
-                                                    for k, v in inputs.items()})
-                    indicator, cache = out["indicator"], (out["k_cache_out"], out["v_cache_out"])
+                    indicator, cache = self._temporal_step(t, frames, latents[-1], cache, anchor, timer)
+                # 5. the frame, set by set (or the given first frame)
                 if t == 0 and first_latent is not None:
                     latents.append(first_latent)
                 else:
                     if mask_steps is None:
-                        order = draws.token_order((batch, g.num_tokens, 1), draw_dtype)[..., 0]
-                        mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), schedule)
-                    latents.append(self._frame(indicator, mask_steps, denoise_steps, sampler, draws, draw_dtype, batch,
-                                               timer, bar))
-                yield from self._decode_ready(latents, frames, decoded_until, request.batch, timer)
-                decoded_until = self._decoded_count(len(latents), frames)
+                        order = draws.token_order((request.batch, g.num_tokens, 1), self._draw_dtype)[..., 0]
+                        mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), plan.schedule)
+                    latents.append(self._frame(plan, feeds, mask_steps, indicator, draws, timer, bar))
+                # 6. decode what became decodable
+                yield from self._decode_ready(latents, frames, request.batch, timer)
+        return np.stack(latents, axis=2)[: request.batch]
+
+    def _encode_image(self, image: np.ndarray, draws, timer: _Timer) -> np.ndarray:
+        """The image's scaled latent, repeated over the built batch [B_built, C, h, w] (host)."""
+        g, backend = self.geometry, self.backend
+        noise = _numpy(draws.normal((1, g.channels, *g.latent_size), "fp32")).astype(np.float32)
+        with timer.stage("vae"):
+            encoded = backend.run("vae_encoder", {"image": backend.upload(image[None]),
+                                                  "noise": backend.upload(noise)})["latent"]
+        return np.repeat(backend.download(encoded), g.batch, axis=0)
+
+    def _temporal_step(self, t: int, frames: int, previous: np.ndarray, cache: tuple, anchor, timer: _Timer):
+        """Frame t >= 1 of the temporal encoder. -> (indicator, (k_cache, v_cache))."""
+        g, upload = self.geometry, self.backend.upload
+        inputs = {"prev_latent": upload(previous), "frame_position": upload(frame_position(t, frames, g.base_t)),
+                  "k_cache": cache[0], "v_cache": cache[1],
+                  "cache_length": upload(np.array([g.condition_len + t * g.num_video_tokens], np.int64))}
+        if g.has_mixer:
+            inputs["anchor"] = anchor
+        with timer.stage("temporal"):
+            out = self.backend.run("temporal_step", inputs)
+        return out["indicator"], (out["k_cache_out"], out["v_cache_out"])
 
     def _mask_step_inputs(self, order: np.ndarray, schedule: list[int]) -> list[_MaskStep]:
         """The index inputs of every mask step, uploaded once per request (the token order is fixed)."""
@@ -327,36 +318,35 @@ class NOVARunner:
             position += count
         return steps
 
-    def _denoise_inputs(self, sampler, guidance_scale: float) -> list[dict]:
-        """The sampler inputs of every diffusion step, uploaded once per request; `noise` is zeros here and
-        replaced by the step's draw where the sampler adds noise (DDPM at t > 0)."""
-        g, upload = self.geometry, self.backend.upload
+    def _sampler_feeds(self, plan: _Plan) -> list[dict]:
+        """The denoise graph's sampler inputs for every diffusion step, uploaded once per request; `noise`
+        is zeros here and replaced by the step's draw where the sampler adds noise (DDPM at t > 0)."""
+        g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
         clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
-        guidance = upload(np.array([guidance_scale], np.float32))
+        guidance = upload(np.array([plan.request.guidance_scale], np.float32))
         no_noise = upload(np.zeros((g.batch, g.max_tokens_per_step, g.token_dim), np.float32))
-        timesteps, coefficients = sampler.timesteps, sampler.coefficients
-        return [{"timestep": upload(timesteps[j:j + 1]), "coefficients": upload(coefficients[j]),
-                 "clip_range": clip, "guidance_scale": guidance, "noise": no_noise} for j in range(len(timesteps))]
+        return [{"timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
+                 "clip_range": clip, "guidance_scale": guidance, "noise": no_noise}
+                for j in range(len(sampler.timesteps))]
 
-    def _frame(self, indicator, mask_steps: list[_MaskStep], denoise_steps: list[dict], sampler, draws, draw_dtype,
-               batch: int, timer: _Timer, bar) -> np.ndarray:
+    def _frame(self, plan: _Plan, feeds: list[dict], mask_steps: list[_MaskStep], indicator, draws, timer: _Timer,
+               bar) -> np.ndarray:
         """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
         g, backend, run = self.geometry, self.backend, self.backend.run
-        shape = (batch, g.channels, *g.latent_size)
+        shape, dtype = (plan.request.batch, g.channels, *g.latent_size), self._draw_dtype
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
         for step in mask_steps:
             # The step's draws in the reference's order (the initial noise, then each noise-adding diffusion
             # step's), each for the whole canvas as the reference draws it; only the step's rows go up. All
             # are uploaded before the step's launches: an upload waits for the device, so it is done once.
-            x = backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))
-            noise = {j: {"noise": backend.upload(_gather_rows(draws.normal(shape, draw_dtype), step.selected, g))}
-                     for j in range(len(denoise_steps)) if sampler.draws_noise(j)}
+            x = backend.upload(_gather_rows(draws.normal(shape, dtype), step.selected, g))
+            noise = {j: {"noise": backend.upload(_gather_rows(draws.normal(shape, dtype), step.selected, g))}
+                     for j in range(len(feeds)) if plan.sampler.draws_noise(j)}
             with timer.stage("spatial"):
                 z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
-            for j, inputs in enumerate(denoise_steps):
-                with timer.stage("denoise"):
-                    x = run("denoise", {**inputs, **noise.get(j, {}), "x": x, "z_selected": z})["x_next"]
             with timer.stage("denoise"):
+                for j, inputs in enumerate(feeds):
+                    x = run("denoise", {**inputs, **noise.get(j, {}), "x": x, "z_selected": z})["x_next"]
                 canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
             bar.update(1)
         return backend.download(canvas).astype(np.float32)
@@ -371,11 +361,11 @@ class NOVARunner:
             return 0
         return window + ((available - window) // (window - 1)) * (window - 1)
 
-    def _decode_ready(self, latents: list, frames: int, done: int, batch: int, timer: _Timer) -> Iterator[np.ndarray]:
-        """Decode what became decodable: an image VAE decodes each frame; the video VAE decodes all latents
-        at once up to 5, else windows of 5 with stride 4 (the official tiling), dropping the first output
-        frame of later windows and latents that fill no window."""
-        ready = self._decoded_count(len(latents), frames)
+    def _decode_ready(self, latents: list, frames: int, batch: int, timer: _Timer) -> Iterator[np.ndarray]:
+        """Decode what the newest latent made decodable: an image VAE decodes each frame; the video VAE
+        decodes all latents at once up to 5, else windows of 5 with stride 4 (the official tiling),
+        dropping the first output frame of later windows and latents that fill no window."""
+        done, ready = self._decoded_count(len(latents) - 1, frames), self._decoded_count(len(latents), frames)
         if ready == done:
             return
         backend, run = self.backend, self.backend.run
@@ -402,7 +392,6 @@ class NOVARunner:
         """text_hidden [M, 256, Dt], text_lengths [M] (+ motion_flow [M]): conditional rows (prompt-major,
         repeated per image, padded to the built batch), then the unconditional rows."""
         g = self.geometry
-        hidden = np.zeros((0, g.text_len, g.text_dim), np.float32)
         if request.prompts is not None:
             texts = request.prompts + (request.negative_prompts if request.guided and request.negative_prompts else [])
             ids, lengths = self.tokenizer(texts, g.text_len)
@@ -426,16 +415,13 @@ class NOVARunner:
         return out
 
 
-def _onnx_file(entry: dict) -> str:
-    return next(a["file"] for a in entry["artifacts"] if a["file"].endswith(".onnx"))
-
-
-def _engine_file(entry: dict) -> str:
-    return next(a["file"] for a in entry["engine"]["artifacts"] if a["file"].endswith(".plan"))
-
-
-def _has_engines(folder: Path) -> bool:
-    return any(folder.glob("*.plan"))
+def _drain(generator: Generator, sink) -> object:
+    """Run a generator to its end, handing each item to `sink`; -> its return value."""
+    while True:
+        try:
+            sink(next(generator))
+        except StopIteration as end:
+            return end.value
 
 
 def _tensorrt_importable() -> bool:
@@ -460,6 +446,12 @@ def _pad_rows(rows, count: int):
     return list(rows) + [rows[-1]] * (count - len(rows))
 
 
+def _patchify(x: np.ndarray, patch: int) -> np.ndarray:
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
 def _gather_rows(noise, selected: np.ndarray, g: Geometry) -> np.ndarray:
     """Noise drawn for the whole canvas [B, C, h, w] -> the selected tokens' values [B_built, n_max, 16]."""
     tokens = _pad_rows(_patchify(_numpy(noise).astype(np.float32), g.patch), g.batch)
@@ -471,17 +463,22 @@ def _numpy(value) -> np.ndarray:
         (value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value))
 
 
-def _torch_backend(manifest: dict, profile: BuildProfile, device: str) -> Backend:
-    """The graphs' torch modules with the weights of the checkpoint the folder was built from."""
-    from runtime.backends.torch_backend import TorchBackend
-    from runtime.graphs.specs import Checkpoint, build_specs
-
+def _built_checkpoint(manifest: dict) -> CheckpointConfigs:
+    """The checkpoint an engine folder was built from (the torch backend reads its weights)."""
     source = Path(manifest["checkpoint"]["path"])
     if not (source / "model_index.json").is_file():
         raise ValueError(f"the torch backend reads weights from the checkpoint the engines were built from, {source}, "
                          f"which is not there (the tensorrt and onnxruntime backends do not need it)")
-    return TorchBackend(build_specs(Checkpoint(source), profile, manifest["precision"], manifest.get("overrides") or None,
-                                    manifest["backend"]), device)
+    return CheckpointConfigs.read(source)
+
+
+def _torch_backend(configs: CheckpointConfigs, profile: BuildProfile, precision: str, overrides: dict | None,
+                   built_for: str, device: str) -> Backend:
+    """The graphs' torch modules with the checkpoint's weights."""
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.graphs.specs import build_specs
+
+    return TorchBackend(build_specs(configs, profile, precision, overrides, built_for), device)
 
 
 def _check_device(device) -> None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -88,19 +86,11 @@ def checked_config(config: Mapping[str, Any], source: str = "scheduler config") 
     return full
 
 
-def scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """`scheduler_config.json` of folder, checked and completed by `checked_config` (no torch, no diffusers)."""
-    from runtime.configs import read_json
-
-    path = Path(folder) / "scheduler_config.json"
-    return checked_config(read_json(path), str(path))
-
-
-def load_scheduler(folder: str | os.PathLike):
-    """The diffusers scheduler of folder (what the official pipeline steps), refused as `scheduler_config` refuses."""
+def load_scheduler(config: Mapping[str, Any]):
+    """The diffusers scheduler of a checked scheduler config (`runtime.configs.scheduler_config`): what the
+    official pipeline steps."""
     import diffusers
 
-    config = scheduler_config(folder)
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
@@ -111,7 +101,6 @@ class SamplerTable:
     timesteps: np.ndarray  # [S] float32, what the diffusion head sees
     coefficients: np.ndarray  # [S, 6] float32: a, b, r, c, d, e
     clip_range: float | None  # None: no clipping
-    stochastic: bool  # whether any step adds noise (e != 0)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], num_steps: int) -> "SamplerTable":
@@ -126,7 +115,7 @@ class SamplerTable:
         else:
             timesteps, coefficients = _ddpm_table(config, num_steps)
             clip = float(config["clip_sample_range"]) if config["clip_sample"] else None
-        return cls(timesteps, coefficients, clip, bool((coefficients[:, 5] != 0).any()))
+        return cls(timesteps, coefficients, clip)
 
     def draws_noise(self, index: int) -> bool:
         """Whether step `index` adds noise (and so consumes a draw): DDPM at t > 0."""

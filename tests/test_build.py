@@ -20,7 +20,9 @@ from export import manifest as mf
 from export import tensorrt_build
 from export.build import BuildError, BuildOptions, Builder, format_table
 from export.validate import ValidationError
-from runtime.graphs import BuildProfile, Checkpoint, build_specs
+from runtime.configs import CheckpointConfigs
+from runtime.engine_folder import EngineFolder
+from runtime.graphs import BuildProfile, build_specs
 from tests import simulated_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,21 @@ def copy(built, tmp_path):
     return target
 
 
+def _verified(folder, engines=False):
+    """The manifest, every artifact it records checked: what `EngineFolder.open` checks, for the partial builds
+    (`only=GRAPHS`) of these tests."""
+    manifest = mf.load_manifest(folder)
+    if manifest is None:
+        raise mf.ManifestError(f"{folder} has no manifest.json")
+    records = {"configs": manifest["configs"] or []}
+    records.update({name: e["artifacts"] + (e["engine"]["artifacts"] if engines else [])
+                    for name, e in manifest["components"].items()})
+    for name, files in records.items():
+        if problem := mf.check_artifacts(files, folder):
+            raise mf.ManifestError(f"graph {name}: {problem}")
+    return manifest
+
+
 def _mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
 
@@ -76,7 +93,7 @@ def test_profile_change_rebuilds_only_the_graphs_it_shapes(copy, tiny_t2i):
 
 
 def test_configs_are_copied_and_follow_the_checkpoint(copy, tiny_t2i, tmp_path):
-    manifest = mf.verify_folder(copy)
+    manifest = _verified(copy)
     files = {r["file"] for r in manifest["configs"]}
     assert {"configs/model_index.json", "configs/transformer/config.json", "configs/scheduler/scheduler_config.json",
             "configs/tokenizer/tokenizer.json"} <= files
@@ -90,7 +107,7 @@ def test_configs_are_copied_and_follow_the_checkpoint(copy, tiny_t2i, tmp_path):
     assert "_edited" in (copy / "configs" / "scheduler" / "scheduler_config.json").read_text()
     (copy / "configs" / "tokenizer" / "tokenizer.json").write_text("{}")
     with pytest.raises(mf.ManifestError, match="tokenizer.json was modified after the build"):
-        mf.verify_folder(copy)
+        _verified(copy)
 
 
 def test_precision_change_rebuilds_only_that_graph(copy, tiny_t2i):
@@ -152,18 +169,18 @@ def test_edited_artifact_is_detected_refused_by_verify_and_rebuilt(copy, tiny_t2
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(mf.ManifestError, match=r"component spatial: spatial.onnx.data was modified after the build"):
-        mf.verify_folder(copy)
+    with pytest.raises(mf.ManifestError, match=r"graph spatial: spatial.onnx.data was modified after the build"):
+        _verified(copy)
     rows, _ = _build(tiny_t2i, copy)
     assert {n for n, r in rows.items() if r.status == "rebuilt"} == {"spatial"}
     assert "spatial.onnx.data was modified after the build" in rows["spatial"].why
-    mf.verify_folder(copy)  # consistent again
+    _verified(copy)  # consistent again
 
 
 def test_missing_artifact_is_rebuilt(copy, tiny_t2i):
     (copy / "place.onnx").unlink()
     with pytest.raises(mf.ManifestError, match="place.onnx is missing"):
-        mf.verify_folder(copy)
+        _verified(copy)
     rows, _ = _build(tiny_t2i, copy)
     assert rows["place"].status == "rebuilt" and rows["place"].why == "place.onnx is missing"
 
@@ -181,9 +198,9 @@ def test_corrupt_or_edited_manifest_gives_a_clear_error_and_a_rebuild(tiny_t2i, 
     assert rows["place"].status == "rebuilt" and rows["place"].why == "manifest was corrupt"
     (out / mf.MANIFEST_NAME).write_text("{ not json")
     with pytest.raises(mf.ManifestError, match="is not valid JSON"):
-        mf.verify_folder(out)
+        _verified(out)
     with pytest.raises(mf.ManifestError, match="has no manifest.json"):
-        mf.verify_folder(tmp_path)
+        _verified(tmp_path)
 
 
 def test_failed_validation_stops_the_build_and_installs_nothing(tiny_t2i, tmp_path, monkeypatch):
@@ -285,7 +302,7 @@ def test_cli_auto_backend_builds_onnx_runtime_artifacts_and_says_why(tiny_t2i, t
 # TensorRT
 # -------------------------------------------------------------------------------------------------
 def test_engine_profile_covers_every_dynamic_dim(tiny_t2i):
-    specs = build_specs(Checkpoint(tiny_t2i), BuildProfile(prompts=3), "fp16", backend="tensorrt")
+    specs = build_specs(CheckpointConfigs.read(tiny_t2i), BuildProfile(prompts=3), "fp16", backend="tensorrt")
     flags = tensorrt_build.engine_flags(specs["text_encoder"], "fp16", 8.0, 3)
     assert flags["profile"] == {"input_ids": [[1, 256], [6, 256], [6, 256]]}
     assert flags["strongly_typed"] and flags["tf32"]
@@ -303,7 +320,7 @@ def test_tensorrt_engines_build_validate_and_are_reused(tiny_t2i, tmp_path):
     out = tmp_path / "trt"
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", precision="fp16")
     assert all((out / f"{name}.plan").exists() for name in rows if name != "configs")
-    manifest = mf.verify_folder(out, backend="tensorrt")
+    manifest = EngineFolder.open(out, engines=True).manifest
     assert all(manifest["components"][n]["engine"]["validation"]["passed"] for n in rows)
     assert (out / tensorrt_build.TIMING_CACHE_NAME).exists()
     rows, _ = _build(tiny_t2i, out, backend="tensorrt", exporter="dynamo", precision="fp16")
@@ -329,7 +346,7 @@ def test_tensorrt_build_plumbing_on_a_simulated_gpu(tiny_t2i, tmp_path, monkeypa
     assert ("set_shape", "input_ids", (1, 256), (4, 256), (4, 256)) in calls
     assert ("workspace", 8 << 30) in calls and ("clear_flag", "tf32") in calls  # fp32 build: no TF32
     assert any("Building (2 steps)" in m for m in messages)
-    manifest = mf.verify_folder(out, backend="tensorrt")
+    manifest = _verified(out, engines=True)
     engine = manifest["components"]["place"]["engine"]
     assert engine["parts"]["tensorrt"] == "10.99.0-simulated" and engine["parts"]["gpu"] == "9.0"
     # same version and GPU: reused; another GPU: rebuilt, with the reason

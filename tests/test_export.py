@@ -16,7 +16,8 @@ from export.build import BuildOptions, Builder
 from export.manifest import load_manifest
 from export.onnx_export import check_declaration, export_graph
 from export.validate import ort_session, temporal_sequence, validate_graph
-from runtime.graphs import BuildProfile, Checkpoint, build_specs
+from runtime.configs import CheckpointConfigs
+from runtime.graphs import BuildProfile, build_specs
 from runtime.model.transformer import patchify, unpatchify
 
 
@@ -72,7 +73,7 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
 
 def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_bucket(t2i_build):
     builder = t2i_build[0]
-    spec, model = builder.specs["spatial"], builder.checkpoint.module("transformer", "fp32")
+    spec, model = builder.specs["spatial"], builder.modules("transformer", "fp32")
     g = builder.geometry
     session = ort_session(builder.options.out / "spatial.onnx")
     gen = torch.Generator().manual_seed(9)
@@ -102,7 +103,7 @@ def test_kv_cache_carried_across_frames_in_onnx_runtime_equals_reference(t2v_bui
     step_session = ort_session(builder.options.out / "temporal_step.onnx")
     report = temporal_sequence(builder.specs["temporal_prefill"], builder.specs["temporal_step"],
                                lambda feed: prefill_session.run(None, feed), lambda feed: step_session.run(None, feed),
-                               builder.checkpoint.module("transformer", "fp32"), builder.geometry, frames=3, seed=42)
+                               builder.modules("transformer", "fp32"), builder.geometry, frames=3, seed=42)
     assert report["passed"] and max(e["max_abs"] for e in report["indicator"]) < 1e-4
     # and the cache output really carries state: a step on an empty cache gives another indicator
     step = builder.specs["temporal_step"]
@@ -156,7 +157,7 @@ def test_fp16_graph_dtypes_follow_the_precision_policy(tiny_t2i, tmp_path):
 
 
 def test_torchscript_exporter_gives_an_equivalent_graph(tiny_t2v, tmp_path):
-    spec = build_specs(Checkpoint(tiny_t2v), BuildProfile(min_mask_steps=4, max_latent_length=3), "fp32")["temporal_step"]
+    spec = build_specs(CheckpointConfigs.read(tiny_t2v), BuildProfile(min_mask_steps=4, max_latent_length=3), "fp32")["temporal_step"]
     module = spec.build()
     info = export_graph(spec, module, tmp_path / "temporal_step.onnx", exporter="torchscript")
     assert info["exporter"] == "torchscript"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from export import manifest as mf
 from export.build import BuildOptions, build
 from runtime.graphs.profile import BuildProfile
 from runtime.reference import ReferencePipeline
@@ -83,7 +84,7 @@ def test_missing_partial_edited_and_mismatched_folders_are_refused(engine_copy, 
     data = engine_copy / "spatial.onnx.data"
     original = data.read_bytes()
     data.write_bytes(original[:-4] + b"\0\0\0\0")
-    with pytest.raises(ValueError, match="component spatial: spatial.onnx.data was modified after the build"):
+    with pytest.raises(ValueError, match="graph spatial: spatial.onnx.data was modified after the build"):
         NOVARunner.from_engines(engine_copy)
     data.write_bytes(original)
     assert NOVARunner.from_engines(engine_copy).backend.name == "onnxruntime"
@@ -94,19 +95,24 @@ def test_missing_partial_edited_and_mismatched_folders_are_refused(engine_copy, 
     manifest.write_text(manifest.read_text().replace('"precision": "fp32"', '"precision": "fp16"', 1))
     with pytest.raises(ValueError, match="edited after the build"):
         NOVARunner.from_engines(engine_copy)
+    body = json.loads(manifest.read_text())
+    mf.save_manifest(engine_copy, body)
+    body["format"] = mf.FORMAT - 1  # a folder built by another version: the one version check
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(ValueError, match=f"another version of this runtime \\(format {mf.FORMAT - 1}, this version "
+                                         f"reads format {mf.FORMAT}\\); rebuild with export/build_engines.py"):
+        NOVARunner.from_engines(engine_copy)
 
 
 def test_partial_build_is_refused(tiny_t2i, tmp_path):
     out = tmp_path / "partial"
     build(BuildOptions(checkpoint=tiny_t2i, out=out, precision="fp32", only=("place",), progress=False,
                        profile=BuildProfile(min_mask_steps=8)), report=lambda message: None)
-    with pytest.raises(ValueError, match="partial build: no text_encoder, temporal_prefill"):
+    with pytest.raises(ValueError, match=r"partial build \(no text_encoder, temporal_prefill"):
         NOVARunner.from_engines(out)
 
 
 def test_folder_is_self_contained_without_its_checkpoint(engine_copy, tmp_path):
-    from export import manifest as mf
-
     body = json.loads((engine_copy / "manifest.json").read_text())
     body["checkpoint"]["path"] = str(tmp_path / "moved")
     mf.save_manifest(engine_copy, {k: v for k, v in body.items() if k not in ("checksum", "format")})

@@ -1,6 +1,6 @@
 """Backends run named graphs on named inputs; the runner's loops are the same for all of them.
 
-    torch         the graphs' PyTorch modules (runtime.graphs.modules), CPU or CUDA
+    torch         the graphs' PyTorch modules (runtime/graphs/), CPU or CUDA
     onnxruntime   the exported ONNX graphs in ONNX Runtime (CPU EP; CUDA EP with onnxruntime-gpu)
     tensorrt      TensorRT plans over CUDA buffers (needs `tensorrt` and `cuda-python`)
 """

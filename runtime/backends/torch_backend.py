@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from runtime.backends.base import Backend, BackendUnavailable
-from runtime.graphs.specs import GraphSpec, run_module
+from runtime.graphs.contract import GraphSpec, run_module
 
 
 class TorchBackend(Backend):

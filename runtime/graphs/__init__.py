@@ -1,13 +1,14 @@
 """Graph declarations and their torch modules: the contract shared by export, engines and the runner.
 
-`profile` (build profile, geometry, precision policy) is torch-free; `specs` and `modules` need torch,
-so they load on first use of their names.
+`profile` (build profile, geometry, precision policy) is torch-free; the declarations (`specs`,
+`contract`) and the graph modules need torch, so they load on first use of their names.
 """
 
 from runtime.graphs.profile import (NO_CLIP, POLICY, PRECISIONS, VIDEO_VAE_WINDOW, BuildProfile, Geometry,
                                     component_precision, frame_position)
 
-_SPECS = ("GRAPH_NAMES", "Checkpoint", "Dim", "GraphSpec", "TensorSpec", "build_specs", "run_module")
+_SPECS = {"GRAPH_NAMES": "specs", "build_specs": "specs", "Dim": "contract", "GraphSpec": "contract",
+          "TensorSpec": "contract", "run_module": "contract"}
 
 __all__ = ["NO_CLIP", "POLICY", "PRECISIONS", "VIDEO_VAE_WINDOW", "BuildProfile", "Geometry", "component_precision",
            "frame_position", *_SPECS]
@@ -15,7 +16,7 @@ __all__ = ["NO_CLIP", "POLICY", "PRECISIONS", "VIDEO_VAE_WINDOW", "BuildProfile"
 
 def __getattr__(name: str):
     if name in _SPECS:
-        from runtime.graphs import specs
+        import importlib
 
-        return getattr(specs, name)
+        return getattr(importlib.import_module(f"runtime.graphs.{_SPECS[name]}"), name)
     raise AttributeError(f"module 'runtime.graphs' has no attribute {name!r}")

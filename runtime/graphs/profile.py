@@ -16,7 +16,8 @@ import numpy as np
 from runtime.model.config import NOVAConfig
 from runtime.schedules import mask_schedule
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision -> dtype name
+PRECISIONS = tuple(PRECISION_DTYPES)
 NO_CLIP = 3.0e38  # clip_range meaning "no clipping" (finite: some backends mishandle inf bounds)
 VIDEO_VAE_WINDOW = 5  # latents per temporal tile of the Open-Sora VAE decoder
 

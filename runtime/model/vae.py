@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from runtime.configs import is_video_vae
+
 
 def vae_class(name: str | None, where: Path | str = "vae/config.json"):
     from runtime.model.vae_opensora import AutoencoderKLOpenSora
@@ -20,10 +22,6 @@ def vae_class(name: str | None, where: Path | str = "vae/config.json"):
     if name not in classes:
         raise ValueError(f"{where}: unsupported VAE class {name!r} (expected one of {', '.join(classes)})")
     return classes[name]
-
-
-def is_video_vae(vae: torch.nn.Module) -> bool:
-    return type(vae).__name__ == "AutoencoderKLOpenSora"
 
 
 def unscale(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
@@ -48,7 +46,7 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents [B, C, T, h, w] -> pixels in [-1, 1], one sample at a time as the official
     pipeline does: [B, 3, H, W] for an image VAE (T must be 1), [B, 3, T', H, W] for the video VAE."""
     vae_latents = unscale(vae, latents.to(vae.dtype))
-    if not is_video_vae(vae):
+    if not is_video_vae(vae.config):
         if vae_latents.shape[2] != 1:
             raise ValueError(f"an image VAE decodes one latent frame, got {vae_latents.shape[2]}")
         vae_latents = vae_latents[:, :, 0]
