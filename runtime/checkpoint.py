@@ -13,6 +13,9 @@ Every weight file is checked key by key against the module built from the folder
 missing, unexpected or mis-shaped tensor is one `CheckpointError` naming them all.
 
     python -m runtime.checkpoint synth --variant tiny-t2i --out DIR [--seed N]
+
+The command lines take a synthetic variant by name (`resolve_checkpoint`): written to
+`checkpoints/synthetic/VARIANT` on first use, reused after.
 """
 
 from __future__ import annotations
@@ -357,6 +360,29 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int)
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(v.numel() * v.element_size() for v in shard.values())
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+SYNTHETIC_ROOT = Path("checkpoints/synthetic")  # relative: the commands run from the repository root
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None, variant: str | None, *,
+                       specs: dict[str, dict[str, Any]] | None = None,
+                       root: str | os.PathLike = SYNTHETIC_ROOT) -> Path:
+    """A checkpoint folder: `checkpoint` itself, else the synthetic `variant` at `root/variant`, written on
+    first use and reused after.
+
+    specs: configs of further variants by name, as `synthesize` takes them (the benchmarks' mid-size model).
+    """
+    if checkpoint:
+        return Path(checkpoint)
+    specs = specs or {}
+    if variant not in VARIANT_NAMES and variant not in specs:
+        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join([*VARIANT_NAMES, *specs])}")
+    folder = Path(root) / variant
+    if not (folder / "model_index.json").is_file():  # synthesize() renames a finished folder into place
+        print(f"writing synthetic {variant} checkpoint to {folder} (first use)", file=sys.stderr, flush=True)
+        synthesize(specs.get(variant, variant), folder)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,3 +170,22 @@ def test_every_variants_shims_import_from_the_official_submodules(variant, tmp_p
 
 def test_variant_names_are_the_synthesizable_variants():
     assert tuple(checkpoint._variants()) == VARIANT_NAMES
+
+
+def test_resolve_checkpoint_writes_a_variant_once(tmp_path, monkeypatch, capsys):
+    written = []
+
+    def synthesize(variant, out):
+        written.append((variant, out))
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+    monkeypatch.setattr(checkpoint, "synthesize", synthesize)
+    assert checkpoint.resolve_checkpoint("/models/x", None) == Path("/models/x")
+    assert checkpoint.resolve_checkpoint(None, "tiny-t2i", root=tmp_path) == tmp_path / "tiny-t2i"
+    assert checkpoint.resolve_checkpoint(None, "tiny-t2i", root=tmp_path) == tmp_path / "tiny-t2i"
+    assert "writing synthetic tiny-t2i checkpoint" in capsys.readouterr().err
+    spec = {"transformer": {}}
+    checkpoint.resolve_checkpoint(None, "mid", specs={"mid": spec}, root=tmp_path)
+    assert written == [("tiny-t2i", tmp_path / "tiny-t2i"), (spec, tmp_path / "mid")]
+    with pytest.raises(ValueError, match="unknown variant 'huge'; choose one of: tiny-t2i, .*, mid"):
+        checkpoint.resolve_checkpoint(None, "huge", specs={"mid": spec}, root=tmp_path)
