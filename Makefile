@@ -22,7 +22,7 @@ run: setup
 	$(BIN)/python export/build_engines.py --synthetic tiny-t2i --precision fp16
 	$(BIN)/python -m runtime generate --engines engines/tiny-t2i-fp16 --prompt "a watercolor fox in a snowy forest" --out outputs/tiny-t2i.png
 	$(BIN)/python export/build_engines.py --synthetic tiny-t2v --precision fp16
-	$(BIN)/python -m runtime generate --engines engines/tiny-t2v-fp16 --latent-length 9 --prompt "waves rolling onto a beach" --out outputs/tiny-t2v.mp4
+	$(BIN)/python -m runtime generate --engines engines/tiny-t2v-fp16 --max-latent-length 9 --prompt "waves rolling onto a beach" --out outputs/tiny-t2v.mp4
 
 test: setup
 	$(BIN)/python -m pytest -q

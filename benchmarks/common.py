@@ -2,7 +2,8 @@
 
 Checkpoints: the released variants of `runtime.checkpoint` (tiny-t2i, tiny-t2v, d48w...), plus
 benchmark-only synthetic configurations between "tiny" (per-call overhead only) and full size
-(hours on a CPU), written in the same official layout with the same random-weight recipe.
+(hours on a CPU), written in the same official layout with the same random-weight recipe by
+`runtime.checkpoint.resolve_checkpoint(..., specs=bench_variants(), root=CHECKPOINT_ROOT)`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ RESULTS_ROOT = ROOT / "benchmarks" / "results"
 # ---------------------------------------------------------------------------------------------------
 # Benchmark checkpoints
 # ---------------------------------------------------------------------------------------------------
-def _bench_variants() -> dict[str, dict[str, Any]]:
+def bench_variants() -> dict[str, dict[str, Any]]:
     from runtime import checkpoint as ck
 
     small_phi = {**ck.PHI2_CONFIG, "hidden_size": 320, "intermediate_size": 1280, "num_hidden_layers": 4,
@@ -42,35 +43,9 @@ def _bench_variants() -> dict[str, dict[str, Any]]:
     }
 
 
-BENCH_VARIANTS = ("mid-t2i",)
-
-
 def describe_variant(name: str) -> dict[str, Any] | None:
     """The configs of a benchmark-only variant (None for the runtime's own variants)."""
-    return _bench_variants().get(name)
-
-
-def synthesize(variant: str, out: Path, seed: int = 0) -> Path:
-    """A random-weight checkpoint of a runtime variant or a benchmark variant at `out`."""
-    from runtime import checkpoint as ck
-
-    if variant in ck.VARIANT_NAMES:
-        return ck.synthesize(variant, out, seed)
-    spec = _bench_variants().get(variant)
-    if spec is None:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ck.VARIANT_NAMES + BENCH_VARIANTS)}")
-    return ck.synthesize(spec, out, seed)
-
-
-def resolve_checkpoint(checkpoint: str | None, variant: str | None, seed: int = 0) -> Path:
-    """The given folder, or a synthetic variant under checkpoints/synthetic/ (written on first use)."""
-    if checkpoint:
-        return Path(checkpoint)
-    folder = CHECKPOINT_ROOT / variant
-    if not (folder / "model_index.json").is_file():
-        print(f"writing synthetic {variant} checkpoint to {folder} (first use)", file=sys.stderr)
-        synthesize(variant, folder, seed)
-    return folder
+    return bench_variants().get(name)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -217,6 +217,7 @@ def run_benchmark(args) -> dict[str, Any]:
 
     from benchmarks import flops as flop_counts
     from benchmarks.targets import build_profile
+    from runtime.checkpoint import resolve_checkpoint
     from runtime.graphs.profile import Geometry
     from runtime.configs import CheckpointConfigs
 
@@ -224,7 +225,8 @@ def run_benchmark(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     env = common.environment(args.device)
-    checkpoint = common.resolve_checkpoint(args.checkpoint, None if args.checkpoint else args.variant)
+    checkpoint = resolve_checkpoint(args.checkpoint, args.variant, specs=common.bench_variants(),
+                                    root=common.CHECKPOINT_ROOT)
     specs = [TargetSpec.parse(t) for t in (args.targets.split(",") if args.targets else default_targets(args.device))]
     if len({s.label for s in specs}) != len(specs):
         raise ValueError("each target may appear once")

@@ -309,6 +309,7 @@ def run_parity(args) -> dict[str, Any]:
 
     from benchmarks.latency import engine_folders, parse_engines
     from benchmarks.targets import Target, build_profile
+    from runtime.checkpoint import resolve_checkpoint
     from runtime.draws import ReplayDraws
     from runtime.runner import NOVARunner
 
@@ -322,7 +323,8 @@ def run_parity(args) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = False
     started = time.perf_counter()
     env = common.environment(args.device)
-    checkpoint = common.resolve_checkpoint(args.checkpoint, None if args.checkpoint else args.variant)
+    checkpoint = resolve_checkpoint(args.checkpoint, args.variant, specs=common.bench_variants(),
+                                    root=common.CHECKPOINT_ROOT)
     specs = [TargetSpec.parse(t) for t in (args.targets.split(",") if args.targets else default_targets(args.device))]
     options = {"num_inference_steps": args.steps, "num_diffusion_steps": args.diffusion_steps,
                "guidance_scale": args.guidance_scale, "max_latent_length": args.frames}

@@ -19,6 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.cli import HelpFormatter, add_version  # noqa: E402  (torch-free: --help answers at once)
+from runtime.variants import VARIANT_NAMES  # noqa: E402
+
 DEFAULT_SYNTHETIC = "tiny-t2i"
 
 
@@ -37,8 +40,6 @@ def _override(text: str) -> tuple[str, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from runtime.checkpoint import VARIANT_NAMES
-
     p = argparse.ArgumentParser(
         prog="python export/build_engines.py",
         description="Export a NOVA checkpoint as separate graphs (text encoder, temporal prefill/step, spatial, "
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every static shape follows from the build profile; a request outside it (more prompts, a longer "
                "video, fewer mask steps) is refused by the runner. See engines/README.md for the artifacts, the "
                "manifest and the precision policy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
+    add_version(p)
     source = p.add_argument_group("model").add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR", help="an official or synthetic NOVA checkpoint folder")
     source.add_argument("--synthetic", metavar="VARIANT", choices=VARIANT_NAMES,
@@ -88,26 +90,32 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
     run.add_argument("--optimization-level", type=int, choices=range(6), default=3,
                      help="TensorRT builder optimization level")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (they are off anyway when stderr is not a terminal: one line per graph)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # before the heavy imports: --help and argument errors answer at once
+    try:
+        return _build(args)
+    except KeyboardInterrupt:  # a re-run reuses every graph finished before the interrupt
+        print("interrupted", file=sys.stderr)
+        return 130
 
+
+def _build(args: argparse.Namespace) -> int:
     from export.build import BuildError, BuildOptions, build, format_table
     from export.manifest import ManifestError
     from export.onnx_export import ExportError
-    from runtime.checkpoint import CheckpointError
+    from runtime.checkpoint import CheckpointError, resolve_checkpoint
     from runtime.graphs.profile import BuildProfile
 
     try:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-        from runtime.__main__ import resolve_checkpoint
-
-        folder = resolve_checkpoint(args.checkpoint, None if args.checkpoint else (args.synthetic or DEFAULT_SYNTHETIC))
+        folder = resolve_checkpoint(args.checkpoint, args.synthetic or DEFAULT_SYNTHETIC)
         out = args.out or Path("engines") / f"{Path(folder).resolve().name}-{args.precision}"
         profile = BuildProfile(prompts=args.prompts, images_per_prompt=args.images_per_prompt, cfg=not args.no_cfg,
                                max_latent_length=args.max_latent_length, min_mask_steps=args.min_mask_steps,
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             validate_frames=args.validate_frames, threads=args.threads, only=tuple(args.only) if args.only else None,
             force=args.force, workspace_gib=args.workspace_gib, opt_level=args.optimization_level,
             progress=not args.no_progress)
-        print(f"building {options.checkpoint} -> {out} ({args.precision})")
+        print(f"building {options.checkpoint} -> {out} ({args.precision})", flush=True)
         rows = build(options)
     except (BuildError, CheckpointError, ManifestError, ExportError, ValueError, FileExistsError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

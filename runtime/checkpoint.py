@@ -13,6 +13,9 @@ Every weight file is checked key by key against the module built from the folder
 missing, unexpected or mis-shaped tensor is one `CheckpointError` naming them all.
 
     python -m runtime.checkpoint synth --variant tiny-t2i --out DIR [--seed N]
+
+The command lines take a synthetic variant by name (`resolve_checkpoint`): written to
+`checkpoints/synthetic/VARIANT` on first use, reused after.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from runtime.configs import CheckpointError, model_index, read_json, transformer
 from runtime.model.config import NOVAConfig
 from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
 from runtime.model.transformer import NOVATransformer3DModel
+from runtime.variants import VARIANT_NAMES
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -236,9 +240,6 @@ def _variants() -> dict[str, dict[str, Any]]:
     }
 
 
-VARIANT_NAMES = ("tiny-t2i", "tiny-t2v", "d48w768-sdxl1024", "d48w1024-sdxl1024", "d48w1536-sdxl1024", "d48w1024-osp480")
-
-
 def random_state_dict(shapes: dict[str, torch.Size], generator: torch.Generator,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded weights that keep activations in range: norms 1, biases 0, weights N(0, 1/fan_in)."""
@@ -253,14 +254,20 @@ def random_state_dict(shapes: dict[str, torch.Size], generator: torch.Generator,
     return state
 
 
-SHIMS = {
-    "transformer": ("__transformer__.py", "NOVATransformer3DModel", "diffnext.models.transformers.transformer_nova"),
-    "text_encoder": ("__text_encoder__.py", "PhiEncoderModel", "diffnext.models.text_encoders.phi"),
+# The official submodule defining each class a shim re-exports (NOVA_SPEC.md §2). Not the packages
+# above them: `diffnext.models.autoencoders` exports nothing, so `from diffnext.models.autoencoders
+# import AutoencoderKL` fails.
+SHIM_MODULES = {
+    "NOVATransformer3DModel": "diffnext.models.transformers.transformer_nova",
+    "PhiEncoderModel": "diffnext.models.text_encoders.phi",
+    "AutoencoderKL": "diffnext.models.autoencoders.autoencoder_kl",
+    "AutoencoderKLOpenSora": "diffnext.models.autoencoders.autoencoder_kl_opensora",
 }
 
 
-def _write_shim(folder: Path, component: str, class_name: str, module: str) -> None:
+def _write_shim(folder: Path, component: str, class_name: str) -> None:
     # The official pipeline resolves `__xxx__` entries of model_index.json through these files.
+    module = SHIM_MODULES[class_name]
     (folder / f"__{component}__.py").write_text(
         f'"""Points diffusers at the official NOVA class (written by nova-runtime)."""\n\n'
         f"from {module} import {class_name}  # noqa: F401\n")
@@ -316,7 +323,7 @@ def _synthesize_into(spec: dict[str, Any], root: Path, generator: torch.Generato
 
     # transformer: 16-bit storage, like the published files
     _write_json(root / "transformer" / "config.json", {"_diffusers_version": "0.31.0", **spec["transformer"]})
-    _write_shim(root / "transformer", "transformer", "NOVATransformer3DModel", "diffnext.models.transformers.transformer_nova")
+    _write_shim(root / "transformer", "transformer", "NOVATransformer3DModel")
     with torch.device("meta"):
         transformer = NOVATransformer3DModel(NOVAConfig.from_dict(spec["transformer"]))
     shapes = {k: v.shape for k, v in transformer.state_dict().items()}
@@ -325,7 +332,7 @@ def _synthesize_into(spec: dict[str, Any], root: Path, generator: torch.Generato
     # text encoder: Phi-2 in two shards plus index, fp16
     text_dir = root / "text_encoder"
     _write_json(text_dir / "config.json", spec["text_encoder"])
-    _write_shim(text_dir, "text_encoder", "PhiEncoderModel", "diffnext.models.text_encoders.phi")
+    _write_shim(text_dir, "text_encoder", "PhiEncoderModel")
     with torch.device("meta"):
         phi = build_text_encoder(phi_config_from_dict(spec["text_encoder"]))
     shapes = {f"model.{k}": v.shape for k, v in phi.state_dict().items()}
@@ -335,7 +342,7 @@ def _synthesize_into(spec: dict[str, Any], root: Path, generator: torch.Generato
 
     # VAE: fp32, like the published SDXL-type file
     _write_json(root / "vae" / "config.json", vae_config)
-    _write_shim(root / "vae", "vae", vae_config["_class_name"], "diffnext.models.autoencoders")
+    _write_shim(root / "vae", "vae", vae_config["_class_name"])
     with torch.device("meta"):
         vae = vae_class(vae_config["_class_name"], root / "vae").from_config(vae_config)
     shapes = {k: v.shape for k, v in vae.state_dict().items()}
@@ -353,6 +360,29 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int)
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(v.numel() * v.element_size() for v in shard.values())
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+SYNTHETIC_ROOT = Path("checkpoints/synthetic")  # relative: the commands run from the repository root
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None, variant: str | None, *,
+                       specs: dict[str, dict[str, Any]] | None = None,
+                       root: str | os.PathLike = SYNTHETIC_ROOT) -> Path:
+    """A checkpoint folder: `checkpoint` itself, else the synthetic `variant` at `root/variant`, written on
+    first use and reused after.
+
+    specs: configs of further variants by name, as `synthesize` takes them (the benchmarks' mid-size model).
+    """
+    if checkpoint:
+        return Path(checkpoint)
+    specs = specs or {}
+    if variant not in VARIANT_NAMES and variant not in specs:
+        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join([*VARIANT_NAMES, *specs])}")
+    folder = Path(root) / variant
+    if not (folder / "model_index.json").is_file():  # synthesize() renames a finished folder into place
+        print(f"writing synthetic {variant} checkpoint to {folder} (first use)", file=sys.stderr, flush=True)
+        synthesize(specs.get(variant, variant), folder)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

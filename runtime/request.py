@@ -11,7 +11,9 @@ import numbers
 import numpy as np
 
 MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
-DEFAULT_MOTION_FLOW = 5.0  # the official default; `motion_flow=None` means it (video checkpoints only)
+# The official default; `motion_flow=None` means it. Image checkpoints ignore it, as the official
+# pipeline does (its call passes motion_flow=5 to every checkpoint).
+DEFAULT_MOTION_FLOW = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +106,6 @@ def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds
     length = _positive_int("max_latent_length", max_latent_length)
     if length > 1 and not config.has_motion:
         raise ValueError(f"this is an image checkpoint: max_latent_length must be 1, got {length}")
-    if motion_flow is not None and not config.has_motion:
-        raise ValueError(f"motion_flow applies to video checkpoints; this one generates images (got {motion_flow!r})")
     steps = _positive_int("num_inference_steps", num_inference_steps)
     if steps > MAX_MASK_STEPS:
         raise ValueError(f"num_inference_steps must be at most {MAX_MASK_STEPS} (steps beyond a frame's "

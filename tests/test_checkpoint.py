@@ -1,7 +1,9 @@
 """Checkpoint folders: synthetic layout, strict loading, clear errors, nothing half-written."""
 
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime import checkpoint
 from runtime.checkpoint import CheckpointError, load_text_encoder, load_transformer, load_vae, synthesize
+from runtime.variants import VARIANT_NAMES
 
 OFFICIAL_FILES = {
     "model_index.json", "scheduler/scheduler_config.json",
@@ -132,3 +135,57 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         checkpoint.main(["synth", "--variant", "huge", "--out", str(tmp_path / "b")])
+
+
+# The official module layout, from NOVA_SPEC.md §2 ("Shims must import from the official submodules",
+# checked there against baaivision/NOVA HEAD 2cd254a): the submodule that defines each class.
+OFFICIAL_CLASS_MODULES = {
+    "NOVATransformer3DModel": "diffnext.models.transformers.transformer_nova",
+    "PhiEncoderModel": "diffnext.models.text_encoders.phi",
+    "AutoencoderKL": "diffnext.models.autoencoders.autoencoder_kl",
+    "AutoencoderKLOpenSora": "diffnext.models.autoencoders.autoencoder_kl_opensora",
+}
+VIDEO_VARIANTS = {"tiny-t2v", "d48w1024-osp480"}
+
+
+def _imports(path):
+    return [(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) for alias in node.names]
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_every_variants_shims_import_from_the_official_submodules(variant, tmp_path, monkeypatch):
+    # Layout and shims only: the full-size variants' random weights would take minutes and gigabytes.
+    monkeypatch.setattr(checkpoint, "random_state_dict", lambda shapes, generator, dtype: {})
+    monkeypatch.setattr(checkpoint, "save_file", lambda state, path, metadata=None: open(path, "wb").close())
+    folder = synthesize(variant, tmp_path / variant)
+    index = json.loads((folder / "model_index.json").read_text())
+    vae = "AutoencoderKLOpenSora" if variant in VIDEO_VARIANTS else "AutoencoderKL"
+    expected = {"transformer": "NOVATransformer3DModel", "text_encoder": "PhiEncoderModel", "vae": vae}
+    for component, class_name in expected.items():
+        assert index[component] == [f"__{component}__", class_name]
+        shim = folder / component / f"__{component}__.py"
+        assert _imports(shim) == [(OFFICIAL_CLASS_MODULES[class_name], class_name)], shim.read_text()
+
+
+def test_variant_names_are_the_synthesizable_variants():
+    assert tuple(checkpoint._variants()) == VARIANT_NAMES
+
+
+def test_resolve_checkpoint_writes_a_variant_once(tmp_path, monkeypatch, capsys):
+    written = []
+
+    def synthesize(variant, out):
+        written.append((variant, out))
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+    monkeypatch.setattr(checkpoint, "synthesize", synthesize)
+    assert checkpoint.resolve_checkpoint("/models/x", None) == Path("/models/x")
+    assert checkpoint.resolve_checkpoint(None, "tiny-t2i", root=tmp_path) == tmp_path / "tiny-t2i"
+    assert checkpoint.resolve_checkpoint(None, "tiny-t2i", root=tmp_path) == tmp_path / "tiny-t2i"
+    assert "writing synthetic tiny-t2i checkpoint" in capsys.readouterr().err
+    spec = {"transformer": {}}
+    checkpoint.resolve_checkpoint(None, "mid", specs={"mid": spec}, root=tmp_path)
+    assert written == [("tiny-t2i", tmp_path / "tiny-t2i"), (spec, tmp_path / "mid")]
+    with pytest.raises(ValueError, match="unknown variant 'huge'; choose one of: tiny-t2i, .*, mid"):
+        checkpoint.resolve_checkpoint(None, "huge", specs={"mid": spec}, root=tmp_path)

@@ -45,5 +45,5 @@ def test_reference_command_writes_a_png(tiny_t2i, tmp_path, capsys):
     assert code == 0 and np.asarray(Image.open(out)).shape == (64, 64, 3)
     assert main(["reference", "--checkpoint", str(tiny_t2i), "--prompt", "a cat", "--steps", "0",
                  "--out", str(tmp_path / "bad.png")]) == 2
-    assert "num_inference_steps must be an integer >= 1" in capsys.readouterr().err
+    assert "--num-inference-steps must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

@@ -138,13 +138,23 @@ def test_same_seed_same_output_and_replayed_draws(t2i_runner):
     (dict(prompt="a", seed=1, generator=torch.Generator()), "at most one of seed and generator"),
     (dict(prompt="a", seed=1.5), r"seed must be an integer in \[0, 2\*\*64\), got 1.5"),
     (dict(prompt="a", seed=-1), r"seed must be an integer in \[0, 2\*\*64\), got -1"),
-    (dict(prompt="a", motion_flow=7), "motion_flow applies to video checkpoints; this one generates images"),
+    (dict(prompt="a", motion_flow="fast"), "motion_flow must be a finite number, got 'fast'"),
     (dict(prompt="a", num_inference_steps=10 ** 12), r"num_inference_steps must be at most 1048576 \(steps beyond a frame's \d+ tokens predict nothing"),
     (dict(prompt=["a", 3]), "prompt must be a string or a list of strings; entry 1 is int 3"),
 ])
 def test_requests_beyond_the_build_are_refused(t2i_runner, kwargs, message):
     with pytest.raises(ValueError, match=message):
         t2i_runner(**{**STEPS, **kwargs})
+
+
+def test_image_checkpoints_ignore_motion_flow_as_the_official_pipeline_does(t2i_runner, t2i_pipe):
+    # The official call's default is motion_flow=5 for every checkpoint: pipe(prompt, motion_flow=5) must work.
+    plain = t2i_runner("a fox", seed=4, **STEPS)
+    for flow in (5, 0.5, None):
+        assert np.array_equal(t2i_runner("a fox", seed=4, motion_flow=flow, **STEPS).latents, plain.latents)
+    reference = [t2i_pipe("a fox", generator=torch.Generator().manual_seed(4), motion_flow=flow, output_type="latent",
+                          disable_progress_bar=True, **STEPS).latents for flow in (5, None)]
+    assert torch.equal(*reference)
 
 
 def test_video_requests_beyond_the_build_are_refused(t2v):

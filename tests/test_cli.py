@@ -1,0 +1,180 @@
+"""The command lines, `python -m runtime` and `export/build_engines.py`: help at once, the request and
+--out checked before any work, flags named like the options they set, one-line errors, Ctrl-C."""
+
+import argparse
+import importlib.metadata
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import runtime.__main__ as cli
+from export import build_engines
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+FAST = ["--num-inference-steps", "8", "--num-diffusion-steps", "2"]
+
+
+def _run(*args, **kwargs):
+    return subprocess.run([PYTHON, *args], cwd=ROOT, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def _generate(engines, *args):
+    return cli.main(["generate", "--engines", str(engines), "--prompt", "a fox", *args])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", [["-m", "runtime"], ["-m", "runtime", "generate"], ["-m", "runtime", "reference"],
+                                     ["export/build_engines.py"]], ids=" ".join)
+def test_help_answers_at_once_and_shows_each_default_once(command):
+    start = time.perf_counter()
+    result = _run(*command, "--help")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0 and "usage:" in result.stdout
+    assert elapsed < 2, f"--help took {elapsed:.1f} s: heavy imports before parsing"
+    text = " ".join(result.stdout.split())  # undo the wrapping
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert not re.search(r"\(default[^)]*\) \(default", text)
+
+
+def test_argument_errors_answer_at_once():
+    start = time.perf_counter()
+    result = _run("export/build_engines.py", "--synthetic", "huge")
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+    assert time.perf_counter() - start < 2
+
+
+def _actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        else:
+            yield action
+
+
+def test_every_flag_has_help_and_both_entry_points_a_version(capsys):
+    for parser in (cli.parser(), build_engines.parser()):
+        assert [a.option_strings for a in _actions(parser) if not a.help] == []
+    expected = f"nova-runtime {importlib.metadata.version('nova-runtime')}"
+    for main in (cli.main, build_engines.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--version"])
+        assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == expected
+
+
+def test_flags_are_named_like_the_options_with_the_short_forms_as_aliases():
+    args = cli.parser().parse_args(["generate", "--engines", "e", "--prompt", "p", "--out", "o.mp4", "--steps", "9",
+                                    "--diffusion-steps", "3", "--latent-length", "5", "--motion-flow", "2"])
+    long = cli.parser().parse_args(["generate", "--engines", "e", "--prompt", "p", "--out", "o.mp4",
+                                    "--num-inference-steps", "9", "--num-diffusion-steps", "3",
+                                    "--max-latent-length", "5", "--motion-flow", "2"])
+    assert args == long
+    assert cli._options(args) == dict(negative_prompt=None, num_inference_steps=9, num_diffusion_steps=3,
+                                      guidance_scale=5.0, max_latent_length=5, motion_flow=2.0, image=None)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the command gets as far as loading the engines."""
+    from runtime.runner import NOVARunner
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the engines before refusing the request")
+    monkeypatch.setattr(NOVARunner, "from_engines", load)
+
+
+def test_bad_out_is_refused_before_any_work_in_one_line(t2i_engines, tmp_path, capsys, no_loading):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    for out, message in [(tmp_path / "file" / "x.png", "file is not a folder"),
+                         (tmp_path / "folder.png", "is a folder"),
+                         (tmp_path / "x.mp4", "this request produces an image: --out must end in .png")]:
+        assert _generate(t2i_engines, "--out", str(out)) == 2
+        assert message in _error_line(capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        assert _generate(t2i_engines, "--out", str(tmp_path / "read-only" / "new" / "x.png")) == 2
+        assert "cannot write in" in _error_line(capsys)
+
+
+def test_the_request_is_checked_before_the_out_suffix_with_flag_names(t2i_engines, tmp_path, capsys, no_loading):
+    assert _generate(t2i_engines, "--latent-length", "0", "--out", str(tmp_path / "x.mp4")) == 2
+    assert _error_line(capsys) == "error: --max-latent-length must be an integer >= 1, got 0"
+    assert _generate(t2i_engines, "--num-inference-steps", "0", "--out", str(tmp_path / "x.png")) == 2
+    assert _error_line(capsys) == "error: --num-inference-steps must be an integer >= 1, got 0"
+    assert _generate(t2i_engines, "--max-latent-length", "3", "--out", str(tmp_path / "x.mp4")) == 2
+    assert "image checkpoint: --max-latent-length must be 1" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_messages_name_the_flags(t2i_engines, tmp_path, capsys):
+    # engines built for >= 8 mask steps: the runner refuses 2, after loading
+    assert _generate(t2i_engines, "--steps", "2", "--out", str(tmp_path / "x.png")) == 2
+    assert "error: --num-inference-steps 2 predicts up to" in capsys.readouterr().err
+    assert cli.flag_names("guidance_scale 1 turns off; max_latent_length, motion_flow, negative_prompt, prompt") == \
+        "--guidance-scale 1 turns off; --max-latent-length, --motion-flow, --negative-prompt, prompt"
+
+
+def test_any_case_of_the_suffix_and_no_progress_bar_off_a_terminal(t2i_engines, tmp_path, capsys):
+    out = tmp_path / "new" / "FOX.PNG"
+    assert _generate(t2i_engines, *FAST, "--motion-flow", "5", "--out", str(out)) == 0
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "mask steps" not in captured.err  # stderr is not a terminal here
+    assert "onnxruntime backend" in captured.out
+
+
+def test_a_one_latent_video_is_written_once_as_a_png(tiny_t2v, tmp_path, capsys):
+    out = tmp_path / "wave.png"
+    assert cli.main(["reference", "--checkpoint", str(tiny_t2v), "--prompt", "waves", "--latent-length", "1",
+                     "--steps", "2", "--diffusion-steps", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {out}\n")  # once, not mp4 and PNG strip at the same path
+    assert np.asarray(Image.open(out)).shape == (64, 96, 3) and list(tmp_path.iterdir()) == [out]
+    frames = np.zeros((2, 5, 8, 8, 3), np.uint8)  # two videos: an mp4 and a strip each
+    assert [p.name for p in cli.save_output(frames, tmp_path / "v.MP4", 12)] == ["v-0.MP4", "v-0.png", "v-1.MP4",
+                                                                                  "v-1.png"]
+
+
+def _interrupt(args, stream: str):
+    """Start a command, wait until it prints its first line on `stream` (it is working), press Ctrl-C.
+    -> exit status, the first line, the rest of stdout, the rest of stderr."""
+    process = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = getattr(process, stream).readline()
+        assert first, process.communicate()[1]
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, first, out, err
+
+
+def test_ctrl_c_during_a_generation_prints_one_line_and_exits_130(t2i_engines, tmp_path):
+    out = tmp_path / "x.png"
+    # 64 mask x 20000 denoising steps: minutes of work, interrupted once it has started
+    code, first, _, err = _interrupt(["-m", "runtime", "generate", "--engines", str(t2i_engines), "--prompt", "a fox",
+                                      "--num-diffusion-steps", "20000", "--out", str(out)], "stderr")
+    assert first.endswith("generating\n")
+    assert code == 130 and err == "interrupted\n"  # two lines of stderr in all
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_build_prints_one_line_and_exits_130(tiny_t2i, tmp_path):
+    code, first, out, err = _interrupt(["export/build_engines.py", "--checkpoint", str(tiny_t2i), "--precision",
+                                        "fp32", "--out", str(tmp_path / "engines")], "stdout")
+    assert first.startswith("building ") and "\r" not in out + err  # no progress bars off a terminal
+    assert code == 130 and err == "interrupted\n"
