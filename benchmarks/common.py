@@ -274,6 +274,16 @@ def markdown_header(title: str, report: dict) -> list[str]:
             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())]
 
 
+def markdown_footer(report: dict) -> list[str]:
+    """A report's last lines: the engine builds the run made, and its wall time."""
+    lines = []
+    if report["engine_builds"]:
+        lines += ["", "Engine builds in this run: " + "; ".join(
+            f"{b['target']} {b['seconds']:.0f} s ({b['exporter']})" + (f" -> `{b['folder']}`" if "folder" in b else "")
+            for b in report["engine_builds"])]
+    return lines + ["", f"Whole benchmark: {report['wall_seconds']:.0f} s wall.", ""]
+
+
 def write_reports(report: dict, folder: Path, name: str, markdown, chart) -> dict[str, Path]:
     """A report as <name>.json, <name>.md (markdown(report)) and <name>.png (chart(report, path))."""
     folder.mkdir(parents=True, exist_ok=True)

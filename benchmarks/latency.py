@@ -477,11 +477,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "| stage | calls | total s | per call |", "|---|---:|---:|---:|"]
         for name, c in ref["graph_calls"].items():
             lines.append(f"| {name} | {c['calls']} | {_s(c['seconds_median'])} | {_us(c['per_call_seconds'])} |")
-    if report["engine_builds"]:
-        lines += ["", "Engine builds in this run: " + "; ".join(
-            f"{b['target']} {b['seconds']:.0f} s ({b['exporter']}) -> `{b['folder']}`" for b in report["engine_builds"])]
-    lines += ["", f"Whole benchmark: {report['wall_seconds']:.0f} s wall.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + common.markdown_footer(report))
 
 
 def _us(value: float | None) -> str:

@@ -489,11 +489,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_cos(g['cosine'])} | {_e(g['ref_max_abs'])} | {note} |")
         if t["kind"] == "reference" and "error" not in t:
             lines.append(f"| {t['target']} | (eager pipeline: no graphs) | | | | | | |")
-    if report["engine_builds"]:
-        lines += ["", "Engine builds in this run: " + "; ".join(
-            f"{b['target']} {b['seconds']:.0f} s ({b['exporter']})" for b in report["engine_builds"])]
-    lines += ["", f"Whole benchmark: {report['wall_seconds']:.0f} s wall.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + common.markdown_footer(report))
 
 
 def chart(report: dict[str, Any], path: Path) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import shutil
 import time
@@ -508,11 +509,11 @@ def build(options: BuildOptions, report: Callable[[str], None] = print) -> list[
 
 
 def format_size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"
+    if size < 1024:
+        return f"{size} B"
+    units = ("KB", "MB", "GB")
+    power = min(len(units), int(math.log(size, 1024)))
+    return f"{size / 1024 ** power:.1f} {units[power - 1]}"
 
 
 def format_table(rows: list[Row]) -> str:

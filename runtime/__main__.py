@@ -129,13 +129,12 @@ def _check_request(args: argparse.Namespace, options: dict, config) -> None:
     from runtime.request import validate_request
 
     if config is not None:
-        validate_request(config, prompt=args.prompt, prompt_embeds=None, negative_prompt_embeds=None,
-                         num_images_per_prompt=1, **options)
+        validate_request(config, args.prompt, **options)
     _check_out(args.out, options["max_latent_length"] > 1)
 
 
 def _generate(args: argparse.Namespace) -> str:
-    from export.manifest import CONFIGS_DIR
+    from runtime.engine_folder import CONFIGS_DIR
 
     options = _options(args)
     _check_request(args, options, _transformer_config(Path(args.engines) / CONFIGS_DIR))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from runtime.graphs.profile import PRECISION_DTYPES
 
 
 def torch_dtype(dtype: Any):

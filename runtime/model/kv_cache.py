@@ -36,6 +36,3 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         """Commit the tokens that every layer has just written."""
         self.length += num_tokens
-
-    def reset(self) -> None:
-        self.length = 0
