@@ -25,11 +25,12 @@ def t2i_pipe(tiny_t2i):
     return ReferencePipeline.from_pretrained(tiny_t2i)
 
 
-def _engine_folder(checkpoint, out, profile):
-    """An fp32 ONNX Runtime engine folder, as export/build_engines.py writes it."""
+def _engine_folder(checkpoint, out, profile, precision="fp32"):
+    """An ONNX Runtime engine folder (default exporter, validated), as export/build_engines.py writes it.
+    Builds are the slowest fixtures of the suite: each is made once per session and shared."""
     from export.build import BuildOptions, build
 
-    build(BuildOptions(checkpoint=checkpoint, out=out, precision="fp32", profile=profile, progress=False),
+    build(BuildOptions(checkpoint=checkpoint, out=out, precision=precision, profile=profile, progress=False),
           report=lambda message: None)
     return out
 
@@ -47,3 +48,11 @@ def t2v_engines(tiny_t2v, tmp_path_factory):
 
     return _engine_folder(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v",
                           BuildProfile(min_mask_steps=4, max_latent_length=5))
+
+
+@pytest.fixture(scope="session")
+def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
+    """The embedded default's build: fp16, default profile (what `make run` builds)."""
+    from runtime.graphs.profile import BuildProfile
+
+    return _engine_folder(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i-fp16", BuildProfile(), "fp16")

@@ -3,19 +3,23 @@
 import re
 from pathlib import Path
 
-from export.build import BuildOptions, build
-from runtime.graphs.profile import BuildProfile
+import numpy as np
+
+from runtime.runner import STAGES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_embedding_example_runs(tiny_t2i, tmp_path, capsys):
+def test_embedding_example_runs(t2i_fp16_engines, capsys):
     text = README.read_text()
     block = re.search(r"### Embedding `NOVARunner`.*?```python\n(.*?)```", text, re.S).group(1)
-    out = tmp_path / "engines"
-    build(BuildOptions(checkpoint=tiny_t2i, out=out, precision="fp16", profile=BuildProfile(), progress=False),
-          report=lambda message: None)
-    exec(compile(block.replace('"engines/tiny-t2i-fp16"', repr(str(out))), "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "1 image(s) per call" in printed and "'denoise'" in printed
-    assert "3 prompt(s) x 1 image(s) = 3 images per call" in printed
+    names: dict = {}
+    exec(compile(block.replace('"engines/tiny-t2i-fp16"', repr(str(t2i_fp16_engines))), "README.md", "exec"), names)
+    result, image = names["result"], names["image"]
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 0  # decoded pixels
+    assert result.latents.shape == (1, 4, 1, 8, 8)
+    assert set(result.timings) == set(STAGES) and all(t > 0 for t in result.timings.values())
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(names["runner"].describe_build()) and "1 image(s) per call" in printed[0]
+    assert printed[1] == "3 prompt(s) x 1 image(s) = 3 images per call; these engines were built for " \
+                         + names["runner"].describe_build()  # the refusal, before any work
