@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="replicas per engine folder")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (Ray resources)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (1: one replica per GPU)")
-    p.add_argument("--max-ongoing-requests", type=int, default=16,
+    p.add_argument("--max-ongoing-requests", type=int, default=32,
                    help="requests a replica holds at once (at least twice the engines' batch)")
     p.add_argument("--batch-wait-ms", type=float, default=20, help="longest wait for a batch to fill")
     return p

@@ -11,11 +11,10 @@ a call of its own with that seed. The ingress is a separate deployment so that a
 dies mid-request turns into a 503 for its callers (the proxy would answer 500) while Ray restarts it.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import io
+import json
 import re
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.application import Application
+from ray.serve import Application
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -127,11 +126,11 @@ class NOVAModel:
         with self._counting:
             self.counts[name] += 1
 
-    def _call(self, prompts, draws=None, seed=None, **options):
+    def _call(self, prompt, draws=None, seed=None, **options):
         """One runner call (in a worker thread); a refusal becomes `Refused`."""
         self._count("runner_calls")
         try:
-            return self.runner(prompts, draws=draws, seed=seed, **options)
+            return self.runner(prompt, draws=draws, seed=seed, **options)
         except ValueError as error:
             raise Refused(str(error)) from None
 
@@ -151,7 +150,7 @@ class NOVAModel:
         """Compatible requests (equal options but prompt and seed) share one call, row i drawing from seed i."""
         groups: dict[tuple, list[int]] = {}
         for i, options in enumerate(batch):
-            key = tuple(options[name] for name in RUNNER_OPTIONS if name not in ("prompt", "negative_prompt"))
+            key = sorted((k, v) for k, v in options.items() if k not in ("prompt", "negative_prompt", "seed"))
             groups.setdefault((*key, options["negative_prompt"] is None), []).append(i)
         results: list[bytes | Refused] = [b""] * len(batch)
         for rows in groups.values():
@@ -166,15 +165,16 @@ class NOVAModel:
 
         generators = [torch.Generator() for _ in batch]
         for generator, options in zip(generators, batch):
-            generator.seed() if options["seed"] is None else generator.manual_seed(options["seed"])
+            if options["seed"] is None:
+                generator.seed()
+            else:
+                generator.manual_seed(options["seed"])
         negatives = [o["negative_prompt"] for o in batch] if batch[0]["negative_prompt"] is not None else None
         options = {**_runner_kwargs(batch[0]), "prompt": [o["prompt"] for o in batch], "negative_prompt": negatives}
         try:
-            output = self._call(options.pop("prompt"), draws=PerRowDraws(generators), **options)
+            output = self._call(draws=PerRowDraws(generators), **options)
         except Refused as refusal:
-            if len(batch) == 1:
-                return [refusal]
-            return [result for options in batch for result in self._rows([options])]  # whose request it is
+            return [refusal] * len(batch)  # the rows share every option the runner checks
         return [_png(image) for image in output.images]
 
     async def video(self, options: dict) -> list[bytes]:
@@ -230,6 +230,29 @@ def _failure(error: BaseException) -> JSONResponse:
     if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
         return _error(503, UNAVAILABLE)
     raise error
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(first: np.ndarray, windows) -> AsyncIterator[bytes]:
+    """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
+    `done` {"frames": total per video}; a replica lost mid-stream ends it with `error` {"status", "error"}."""
+    index, start, window = 0, 0, first
+    while window is not None:
+        yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
+                                "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
+        index, start = index + 1, start + window.shape[1]
+        try:
+            window = await windows.__anext__()
+        except StopAsyncIteration:
+            window = None
+        except Exception as error:  # noqa: BLE001
+            response = _failure(error)
+            yield _event("error", {"status": response.status_code, "error": response.body.decode()})
+            return
+    yield _event("done", {"frames": start})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -304,36 +327,11 @@ class Ingress:
         return StreamingResponse(_events(first, windows), media_type="text/event-stream")
 
 
-def _event(name: str, data: dict) -> bytes:
-    import json
-
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-async def _events(first: np.ndarray, windows) -> AsyncIterator[bytes]:
-    """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
-    `done` {"frames": total per video}; a replica lost mid-stream ends it with `error` {"status", "error"}."""
-    index, start, window = 0, 0, first
-    while window is not None:
-        yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
-                                "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
-        index, start = index + 1, start + window.shape[1]
-        try:
-            window = await windows.__anext__()
-        except StopAsyncIteration:
-            window = None
-        except Exception as error:  # noqa: BLE001
-            response = _failure(error)
-            yield _event("error", {"status": response.status_code, "error": response.body.decode()})
-            return
-    yield _event("done", {"frames": start})
-
-
 # -- building the application ----------------------------------------------------------------------------------
 
 
 def build_app(engines: list[str], *, backend: str = "auto", device: str | None = None, num_replicas: int = 1,
-              num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 16, batch_wait_s: float = 0.02,
+              num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 32, batch_wait_s: float = 0.02,
               env: dict[str, str] | None = None) -> Application:
     """One NOVAModel deployment per engine folder (named by the folder) behind the ingress.
 
