@@ -217,8 +217,8 @@ def test_incompatible_requests_are_not_mixed(server, image_runner):
 
 
 def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
-    """A replica killed during a long request: the client gets 503 (or a correct result) within the time limit,
-    Ray starts a new replica, and the next requests succeed."""
+    """A replica killed during a long request: the client gets 503 or the correct result (Ray Serve re-sends it
+    to the restarted replica) within a bounded time, and the next requests succeed."""
     import ray
 
     from serve.app import model_id
@@ -233,7 +233,7 @@ def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
         started = time.monotonic()
         ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
         response = pending.result(timeout=TIMEOUT)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # observed: about 6 s (a retry on the restarted replica)
     if response.status_code == 503:
         assert "replica serving this request stopped" in response.json()["error"]
     else:
