@@ -233,7 +233,7 @@ def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
         started = time.monotonic()
         ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
         response = pending.result(timeout=TIMEOUT)
-    assert time.monotonic() - started < 30  # observed: about 6 s (a retry on the restarted replica)
+    assert time.monotonic() - started < 30  # observed: 6-8 s (a retry on the restarted replica)
     if response.status_code == 503:
         assert "replica serving this request stopped" in response.json()["error"]
     else:
