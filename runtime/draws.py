@@ -113,3 +113,33 @@ class NumpyDraws:
 
     def token_order(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.argsort(self.uniform(shape, dtype), axis=1, kind="stable")
+
+
+class PerRowDraws:
+    """Draws for a call that batches independent requests: one torch.Generator per request row, each row's
+    slice of every draw from its own generator, concatenated along dim 0. Row i then gets exactly the
+    numbers a call of its own with `RandomDraws(generators[i])` would get. A draw whose dim 0 is 1 (the
+    image-to-video posterior sample, shared by the rows) comes from the first generator."""
+
+    def __init__(self, generators: list):
+        if not generators:
+            raise ValueError("PerRowDraws needs at least one generator")
+        self.rows = [RandomDraws(generator) for generator in generators]
+
+    def _per_row(self, name: str, shape: tuple[int, ...], dtype: Any):
+        import torch
+
+        if shape[0] == 1:
+            return getattr(self.rows[0], name)(shape, dtype)
+        if shape[0] != len(self.rows):
+            raise ValueError(f"a draw of {shape[0]} rows from {len(self.rows)} generators")
+        return torch.cat([getattr(row, name)((1, *shape[1:]), dtype) for row in self.rows])
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any):
+        return self._per_row("uniform", shape, dtype)
+
+    def normal(self, shape: tuple[int, ...], dtype: Any):
+        return self._per_row("normal", shape, dtype)
+
+    def token_order(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return self.uniform(shape, dtype).argsort(dim=1).cpu().numpy()
