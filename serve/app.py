@@ -187,12 +187,12 @@ class NOVAModel:
         """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists."""
         self._count("requests")
         self._count("runner_calls")
-        windows = self.runner.stream(seed=options["seed"], **_runner_kwargs(options))
+        try:  # the runner checks the request when the stream is made, before any window
+            windows = self.runner.stream(seed=options["seed"], **_runner_kwargs(options))
+        except ValueError as error:
+            raise Refused(str(error)) from None
         while True:
-            try:
-                window = await asyncio.to_thread(next, windows, None)
-            except ValueError as error:
-                raise Refused(str(error)) from None
+            window = await asyncio.to_thread(next, windows, None)
             if window is None:
                 return
             yield window

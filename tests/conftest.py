@@ -1,5 +1,13 @@
+"""Session fixtures shared by the whole suite: tiny synthetic checkpoints and the engine folders built from
+them. Builds are the slowest part of the suite, so each folder is built once per run, also under
+pytest-xdist (`make test` runs two workers): the first worker to need a folder builds it under the run's
+shared temporary folder while holding a file lock, the others wait and reuse it."""
+
+import os
+
 import pytest
 import torch
+from filelock import FileLock
 
 from runtime.checkpoint import synthesize
 
@@ -8,14 +16,28 @@ from runtime.checkpoint import synthesize
 torch.set_num_threads(1)
 
 
+def _shared(tmp_path_factory, name: str, make):
+    """`make(folder)` once per test run for every xdist worker; -> the folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    done.parent.mkdir(exist_ok=True)
+    with FileLock(str(done) + ".lock"):
+        if not done.exists():
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_t2i(tmp_path_factory):
-    return synthesize("tiny-t2i", tmp_path_factory.mktemp("ckpt") / "tiny-t2i", seed=0)
+    return _shared(tmp_path_factory, "tiny-t2i", lambda folder: synthesize("tiny-t2i", folder, seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_t2v(tmp_path_factory):
-    return synthesize("tiny-t2v", tmp_path_factory.mktemp("ckpt") / "tiny-t2v", seed=0)
+    return _shared(tmp_path_factory, "tiny-t2v", lambda folder: synthesize("tiny-t2v", folder, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +48,7 @@ def t2i_pipe(tiny_t2i):
 
 
 def _engine_folder(checkpoint, out, profile, precision="fp32"):
-    """An ONNX Runtime engine folder (default exporter, validated), as export/build_engines.py writes it.
-    Builds are the slowest fixtures of the suite: each is made once per session and shared."""
+    """An ONNX Runtime engine folder (default exporter, validated), as export/build_engines.py writes it."""
     from export.build import BuildOptions, build
 
     build(BuildOptions(checkpoint=checkpoint, out=out, precision=precision, profile=profile, progress=False),
@@ -35,24 +56,31 @@ def _engine_folder(checkpoint, out, profile, precision="fp32"):
     return out
 
 
-@pytest.fixture(scope="session")
-def t2i_engines(tiny_t2i, tmp_path_factory):
+def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", **profile):
     from runtime.graphs.profile import BuildProfile
 
-    return _engine_folder(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i", BuildProfile(min_mask_steps=8))
+    return _shared(tmp_path_factory, name,
+                   lambda folder: _engine_folder(checkpoint, folder, BuildProfile(**profile), precision))
+
+
+@pytest.fixture(scope="session")
+def t2i_engines(tiny_t2i, tmp_path_factory):
+    return _engines(tmp_path_factory, tiny_t2i, "t2i", min_mask_steps=8)
+
+
+@pytest.fixture(scope="session")
+def t2i_b4_engines(tiny_t2i, tmp_path_factory):
+    """Four prompts per call: the text and VAE batches are dynamic dims; serving batches into it."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-b4", prompts=4, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_engines(tiny_t2v, tmp_path_factory):
-    from runtime.graphs.profile import BuildProfile
-
-    return _engine_folder(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v",
-                          BuildProfile(min_mask_steps=4, max_latent_length=5))
+    """A 9-latent KV cache: a video of 9 latents decodes in two windows."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v9", min_mask_steps=4, max_latent_length=9)
 
 
 @pytest.fixture(scope="session")
 def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
     """The embedded default's build: fp16, default profile (what `make run` builds)."""
-    from runtime.graphs.profile import BuildProfile
-
-    return _engine_folder(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i-fp16", BuildProfile(), "fp16")
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16")

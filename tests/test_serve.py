@@ -21,7 +21,6 @@ from runtime import NOVARunner
 from runtime.draws import PerRowDraws
 from runtime.graphs.profile import BuildProfile
 from runtime.media import read_mp4, write_mp4
-from tests.conftest import _engine_folder
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
@@ -37,15 +36,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def t2i_b4(tiny_t2i, tmp_path_factory):
-    return _engine_folder(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i-b4",
-                          BuildProfile(prompts=4, min_mask_steps=8))
+def t2i_b4(t2i_b4_engines):
+    return t2i_b4_engines
 
 
 @pytest.fixture(scope="session")
-def t2v9(tiny_t2v, tmp_path_factory):
-    return _engine_folder(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v9",
-                          BuildProfile(min_mask_steps=4, max_latent_length=9))
+def t2v9(t2v_engines):
+    return t2v_engines
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +64,9 @@ def server(t2i_b4, t2v9, one_thread):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app([str(t2i_b4), str(t2v9)], env={"NOVA_ORT_THREADS": "1"}), name="nova", route_prefix="/")
+        # 0.1 s of batch wait: on 2 shared cores concurrent requests arrive spread out; batches still fill
+        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.1, env={"NOVA_ORT_THREADS": "1"}), name="nova",
+                  route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
