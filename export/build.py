@@ -29,6 +29,7 @@ from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_c
                              temporal_sequence)
 from runtime.checkpoint import check_weights
 from runtime.configs import CheckpointConfigs, CheckpointError, config_files
+from runtime.engine_folder import ManifestFormatError
 from runtime.graphs.common import ModuleCache
 from runtime.graphs.contract import GraphSpec
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
@@ -198,12 +199,14 @@ class Builder:
             if unknown:
                 raise BuildError(f"no graph named {', '.join(unknown)} in this build (graphs: {', '.join(self.specs)})")
         o.out.mkdir(parents=True, exist_ok=True)
+        self.unusable_manifest = None  # why an existing manifest is ignored, if it is
         try:
             self.manifest = mf.load_manifest(o.out)
         except mf.ManifestError as error:
             self.report(f"warning: {error}; ignoring it and rebuilding every component.")
+            self.unusable_manifest = "manifest of another version" if isinstance(error, ManifestFormatError) \
+                else "manifest was corrupt"
             self.manifest = None
-        self.corrupt_manifest = self.manifest is None and (o.out / mf.MANIFEST_NAME).exists()
         if self.manifest is None:
             self.manifest = {"components": {}}
         self.weights = mf.WeightDigests(o.out / mf.WEIGHT_CACHE_NAME)
@@ -334,7 +337,7 @@ class Builder:
         if self.options.force:
             return ["--force"]
         if entry is None:
-            return ["manifest was corrupt" if self.corrupt_manifest else "not built yet"]
+            return [self.unusable_manifest or "not built yet"]
         if entry.get("key") != key:
             return mf.changed_parts(entry.get("parts", {}), parts) or ["content key changed"]
         problem = mf.check_artifacts(entry.get("artifacts", []), self.options.out)

@@ -31,6 +31,10 @@ class ManifestError(ValueError):
     """A manifest or an artifact it lists is unreadable, edited, or does not match."""
 
 
+class ManifestFormatError(ManifestError):
+    """A manifest written by another version of this runtime (another FORMAT)."""
+
+
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
@@ -73,7 +77,7 @@ def load_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or "checksum" not in manifest:
         raise ManifestError(f"{path} is not a manifest written by export/build_engines.py")
     if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{path} was written by another version of this runtime (format {manifest.get('format')}, "
+        raise ManifestFormatError(f"{path} was written by another version of this runtime (format {manifest.get('format')}, "
                             f"this version reads format {FORMAT}); {REBUILD}")
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     if digest(body) != manifest["checksum"]:
