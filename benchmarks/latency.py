@@ -399,7 +399,7 @@ def _flops(value: float) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    env, settings, ck = report["environment"], report["settings"], report["checkpoint"]
+    env, settings = report["environment"], report["settings"]
     cuda = env["device"].startswith("cuda")
     lines = [*common.markdown_header("Latency", report),
              f"- load average (1/5/15 min) at start {env['load_average_at_start']}, at end "

@@ -436,7 +436,7 @@ def _db(value) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    env, s, ck = report["environment"], report["settings"], report["checkpoint"]
+    s = report["settings"]
     lines = [*common.markdown_header("Parity", report),
              f"- request: 1 prompt, {s['num_inference_steps']} mask steps x {s['num_diffusion_steps']} diffusion steps, "
              f"{s['max_latent_length']} latent frame(s), guidance {s['guidance_scale']:g}, seed {s['seed']}",

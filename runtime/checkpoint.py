@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runtime.configs import CheckpointError, model_index, read_json, transformer_config
+from runtime.configs import CheckpointError, read_json, transformer_config
 from runtime.model.config import NOVAConfig
 from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
 from runtime.model.transformer import NOVATransformer3DModel

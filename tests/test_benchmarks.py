@@ -55,7 +55,6 @@ def test_per_call_flops_match_the_spec(width, temporal, spatial0, spatial1000, m
 
 def test_the_spec_arithmetic_example_and_the_video_and_text_costs():
     # d48w1024, one mask step at k = 0: decoder half 3.78e12 + encoder half 4.8e11 per sequence
-    w1024 = released(1024)
     assert close(16 * flops.block(1024, 5120), 3.78e12) and close(16 * flops.block(1024, 1024), 4.8e11)
     osp = released(0)
     steps = [flops.temporal_frame(osp, t, rows=2) for t in range(9)]

@@ -73,7 +73,7 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
 
 def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_bucket(t2i_build):
     builder = t2i_build[0]
-    spec, model = builder.specs["spatial"], builder.modules("transformer", "fp32")
+    model = builder.modules("transformer", "fp32")
     g = builder.geometry
     session = ort_session(builder.options.out / "spatial.onnx")
     gen = torch.Generator().manual_seed(9)

@@ -19,7 +19,6 @@ import torch
 
 from runtime import NOVARunner
 from runtime.draws import PerRowDraws
-from runtime.graphs.profile import BuildProfile
 from runtime.media import read_mp4, write_mp4
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
