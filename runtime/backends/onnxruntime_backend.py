@@ -65,6 +65,10 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendUnavailable("ONNX Runtime has no CUDA execution provider here "
                                          "(install the onnxruntime-gpu extra on a GPU machine)")
             self.device = ("cuda", int(device.partition(":")[2] or 0))
+            try:  # CUDA and cuDNN from the nvidia-* pip packages, where they come from there (torch's)
+                ort.preload_dlls()
+            except Exception as error:  # older builds have no preload_dlls; system libraries may do
+                log.info("onnxruntime.preload_dlls: %s", error)
             cuda = {"device_id": self.device[1], "use_tf32": str(int(tf32))}
             self.cudart, self.stream = _cuda_stream(self.device[1])
             if self.stream is not None:
