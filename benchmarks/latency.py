@@ -115,6 +115,7 @@ def worker(config: dict[str, Any]) -> int:
         torch.cuda.synchronize(config["device"])
         torch.cuda.reset_peak_memory_stats(config["device"])
     send({"ready": True, "load_seconds": target.load_seconds, "memory_after_load": memory,
+          "placement": getattr(getattr(getattr(target, "runner", None), "backend", None), "placement", None),
           "backend": getattr(getattr(target, "runner", None), "backend", None).__class__.__name__
           if not spec.is_reference else "ReferencePipeline"})
     for line in sys.stdin:
@@ -261,6 +262,7 @@ def run_benchmark(args) -> dict[str, Any]:
             results[spec.label] = {"target": spec.label, "kind": spec.kind, "precision": spec.precision,
                                    "backend": ready["backend"], "engines": config["engines"],
                                    "load_seconds": ready["load_seconds"], "memory_after_load": ready["memory_after_load"],
+                                   "placement": ready.get("placement"),
                                    "warmup_seconds": [], "e2e": [], "stage_runs": [], "calls": [], "checks": []}
         for round_ in range(args.warmup):
             for w in workers:
@@ -319,8 +321,8 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
             throughput[s] = {"useful_flops_per_s": useful, "executed_flops_per_s": executed,
                              "executed_fraction_of_matmul": executed / ceiling if executed else None}
         total_useful = sum(counts["useful"].values())
-        entry = {**{k: r[k] for k in ("target", "kind", "precision", "backend", "engines", "load_seconds",
-                                      "warmup_seconds", "memory_after_load", "memory")},
+        entry = {**{k: r.get(k) for k in ("target", "kind", "precision", "backend", "engines", "load_seconds",
+                                          "warmup_seconds", "memory_after_load", "memory", "placement")},
                  "e2e_seconds": r["e2e"], "e2e": e2e, "stage_seconds_runs": r["stage_runs"], "stages": stages,
                  "graph_calls": calls, "throughput": throughput, "matmul_dtype": rate_key,
                  "useful_flops_per_s_e2e": total_useful / e2e["median"], "checks": r["checks"][0] if r["checks"] else {}}
@@ -470,6 +472,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {t['target']} | {name} | {o['calls']} | {_s(o['total_seconds'])} | "
                          f"{_us(o['per_call_seconds'])} | {_us(o['compute_floor_seconds'])} | "
                          f"{_us(o['above_floor_seconds'])} |")
+    for t in report["targets"]:  # ONNX Runtime's node placement (NOVA_ORT_PLACEMENT=1)
+        if t.get("placement"):
+            lines += ["", f"Node placement of {t['target']} (ONNX Runtime's verbose log at session creation):", ""]
+            lines += [f"- {graph}: " + ", ".join(f"{n} on {ep}" for ep, n in p["nodes"].items())
+                      + (f"; not on CUDA: {', '.join(p['not_on_cuda'])}" if p["not_on_cuda"] else "")
+                      for graph, p in t["placement"].items()]
     ref = next((t for t in report["targets"] if t["kind"] == "reference"), None)
     if ref is not None:
         lines += ["", "Reference stage calls (one call = one stage entry: e.g. one `denoise` is the whole diffusion "

@@ -169,11 +169,16 @@ def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
     check_png(tmp_path / "out" / "parity-tiny-t2i.png")
 
 
-def test_gpu_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu.sh cannot run here (no GPU): its CPU dry-run mode drives the same steps on tiny models."""
+def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_t2v):
+    """benchmarks/gpu.sh cannot run here (no GPU): its CPU dry-run mode drives the same steps on tiny models.
+    The session's tiny-t2v stands in for the script's synthesis (the `synth` command is tested with the checkpoints)."""
+    import shutil
+
+    shutil.copytree(tiny_t2v, tmp_path / "data" / "tiny-t2v")
+    (tmp_path / "data" / "tiny-t2v.checkpoint.ready").touch()
     env = {"DEVICE": "cpu", "T2I_VARIANT": "tiny-t2i", "T2V_VARIANT": "tiny-t2v", "STEPS": "4", "DIFFUSION_STEPS": "2",
-           "FRAMES": "5", "REPS": "1", "TARGETS": "reference:fp32,torch:fp32", "NOVA_BENCH_DATA": str(tmp_path / "data"),
-           "RESULTS": str(tmp_path / "out"), "PYTHON": sys.executable}
+           "FRAMES": "5", "WARMUP": "0", "NOVA_BENCH_DATA": str(tmp_path / "data"), "RESULTS": str(tmp_path / "out"),
+           "PYTHON": sys.executable}  # the video targets on a CPU: reference:fp32,torch:fp32, one run each
     import os
 
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "t2v-latency"], cwd=ROOT,

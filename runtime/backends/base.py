@@ -54,10 +54,10 @@ class OutputBuffers:
         self.turn: dict[tuple, int] = {}
 
     def next(self, graph: str, outputs: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, Any]:
-        """The buffer set for this call of `graph`; outputs: name -> (shape tuple, numpy dtype)."""
+        """The buffer set for this call of `graph`; outputs: name -> (shape tuple, the backend's dtype)."""
         key = (graph, tuple(outputs.items()))
         if key not in self.sets:
-            self.sets[key] = [{name: self.allocate(tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in outputs.items()}
+            self.sets[key] = [{name: self.allocate(tuple(shape), dtype) for name, (shape, dtype) in outputs.items()}
                               for _ in range(2)]
             self.turn[key] = 0
         turn = self.turn[key]

@@ -30,16 +30,14 @@ GPU (tests/simulated_gpu.py: an asynchronous in-order stream), which cannot show
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from runtime.backends import cuda_graphs
 from runtime.backends.base import Backend, BackendUnavailable, OutputBuffers
-
-log = logging.getLogger(__name__)
+from runtime.backends.cuda_graphs import Captures, cuda_check, native_handle
 
 
 def _import():
@@ -51,12 +49,7 @@ def _import():
     return trt, cudart
 
 
-def _check(result):
-    """cuda-python calls return (error, *values)."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        raise RuntimeError(f"CUDA error {error}")
-    return values[0] if len(values) == 1 else values
+_check = cuda_check
 
 
 class DeviceMemory:
@@ -82,9 +75,6 @@ class DeviceMemory:
                 self.cudart.cudaFree(ptr)
 
 
-_serials = itertools.count(1)
-
-
 class DeviceArray:
     """A CUDA allocation holding one array. `graph_output`: an output buffer, rewritten by its graph
     and bound in place; an upload is written once, so its serial number identifies its content.
@@ -95,65 +85,31 @@ class DeviceArray:
         self.memory, self.shape, self.dtype = memory, tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.ptr = memory.take(self.nbytes, reuse=not (permanent or graph_output))
-        self.graph_output, self.serial = graph_output, next(_serials)
+        self.graph_output = graph_output
+        cuda_graphs.new_content(self)
 
     def __del__(self):
         if getattr(self, "ptr", None):
             self.memory.give(self.ptr, self.nbytes)
 
 
-class InputStaging:
-    """Fixed input buffers of one static-shape graph, so that its launches bind fixed addresses. Output
-    buffers of other graphs are bound as they are (their addresses are fixed too); anything else is
-    copied into the input's staging buffer, unless that buffer already holds it (same serial: an
-    uploaded array's content never changes, so a per-request constant is copied once)."""
+class InputStaging(cuda_graphs.InputStaging):
+    """`cuda_graphs.InputStaging` over `DeviceArray`s: staging buffers live as long as the backend."""
 
     def __init__(self, memory: DeviceMemory, copy: Callable[[DeviceArray, "DeviceArray | np.ndarray"], None]):
-        self.memory, self.copy = memory, copy
-        self.buffers: dict[str, DeviceArray] = {}
-        self.holds: dict[str, int] = {}
-
-    def bind(self, name: str, value: "DeviceArray | np.ndarray") -> DeviceArray:
-        if isinstance(value, DeviceArray) and value.graph_output:
-            return value
-        if not isinstance(value, DeviceArray):
-            value = np.ascontiguousarray(value)
-        buffer = self.buffers.get(name)
-        if buffer is None:
-            buffer = self.buffers[name] = DeviceArray(self.memory, value.shape, value.dtype, permanent=True)
-        if (buffer.shape, buffer.dtype) != (tuple(value.shape), np.dtype(value.dtype)):
-            raise ValueError(f"input {name}: {value.dtype}{list(value.shape)} where the engine takes "
-                             f"{buffer.dtype}{list(buffer.shape)}")
-        serial = value.serial if isinstance(value, DeviceArray) else None  # host arrays: always copied
-        if serial is None or self.holds.get(name) != serial:
-            self.copy(buffer, value)
-            self.holds[name] = serial
-        return buffer
+        super().__init__(lambda value: DeviceArray(memory, value.shape, value.dtype, permanent=True), copy)
 
 
-class CudaGraphs:
-    """CUDA graphs of engine launches, one per key (a graph and every address it binds). `record` runs a
-    launch eagerly (its result, and the enqueue TensorRT needs before a capture) and then captures it;
-    `replay` launches the capture. A graph whose capture fails is listed in `eager`, with a warning,
-    and is not captured again."""
+class CudaGraphs(Captures):
+    """`Captures` of engine launches with cuda-python: stream capture around the enqueue, one executable
+    graph per key (TensorRT needs an enqueue before a capture: `record`'s eager run)."""
 
     def __init__(self, cudart, stream):
+        super().__init__()
         self.cudart, self.stream = cudart, stream
-        self.execs: dict[tuple, Any] = {}
-        self.eager: set[str] = set()
 
-    def replay(self, key: tuple) -> bool:
-        captured = self.execs.get(key)
-        if captured is not None:
-            _check(self.cudart.cudaGraphLaunch(captured, self.stream))
-        return captured is not None
-
-    def record(self, key: tuple, enqueue: Callable[[], None]) -> None:
-        enqueue()
-        if key[0] not in self.eager:
-            captured = self._capture(key[0], enqueue)
-            if captured is not None:
-                self.execs[key] = captured
+    def _launch(self, captured) -> None:
+        _check(self.cudart.cudaGraphLaunch(captured, self.stream))
 
     def _capture(self, graph: str, enqueue: Callable[[], None]):
         cudart = self.cudart
@@ -176,8 +132,7 @@ class CudaGraphs:
         if failure is None:
             return captured
         cudart.cudaGetLastError()  # clear the failed capture's error before the next launch
-        log.warning("%s: CUDA graph capture failed (%s); it runs without CUDA graphs", graph, failure)
-        self.eager.add(graph)
+        self._failed(graph, failure)
         return None
 
     def __del__(self):
@@ -196,7 +151,7 @@ class TensorRTBackend(Backend):
         self._select_device()
         # Non-blocking: work that another library queues on the legacy default stream must not join a capture.
         self.stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
-        self.stream_handle = _native_handle(self.stream)
+        self.stream_handle = native_handle(self.stream)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {}
         for name, path in plans.items():
@@ -269,7 +224,7 @@ class TensorRTBackend(Backend):
         bound = {}
         for name, info in tensors.items():
             if info.is_input:
-                value = inputs[name] if isinstance(inputs[name], DeviceArray) else np.asarray(inputs[name])
+                value = inputs[name] if isinstance(inputs[name], DeviceArray) else np.ascontiguousarray(inputs[name])
                 info.check(graph, name, value)
                 if staging is not None:
                     bound[name] = staging.bind(name, value)
@@ -281,7 +236,7 @@ class TensorRTBackend(Backend):
             self._enqueue(graph, context)
             return outputs
         outputs = dict(self.buffers.next(graph, self.static_outputs[graph]))
-        key = (graph, *(a.ptr for a in {**bound, **outputs}.values()))
+        key = cuda_graphs.launch_key(graph, (a.ptr for a in {**bound, **outputs}.values()))
         if not self.cuda_graphs.replay(key):
             context = self.captured_contexts[key] = self._context(graph)
             self._bind(graph, context, bound, outputs)
@@ -341,12 +296,3 @@ BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
 def _from_bfloat16(host: np.ndarray) -> np.ndarray:
     return (host.view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-def _native_handle(stream) -> int:
-    """The stream as the integer TensorRT takes (int() on cuda-python objects is deprecated in 13.x)."""
-    try:
-        from cuda.bindings.utils import get_cuda_native_handle
-    except ImportError:
-        return int(stream)
-    return get_cuda_native_handle(stream)

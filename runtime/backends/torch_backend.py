@@ -1,9 +1,21 @@
-"""The graphs' PyTorch modules as a backend (eager, CPU or CUDA): parity baseline of the exports.
+"""The graphs' PyTorch modules as a backend (eager on CPU; CUDA graphs on CUDA): parity baseline of the exports.
 
-Outputs are the modules' own tensors, not `OutputBuffers`: they stay valid for as long as they are
-held (more than the interface promises), and on CUDA torch's caching allocator hands freed blocks
-back without cudaMalloc. Fixed buffers would only add a copy per output here; they pay off where a
-launch is replayed at fixed addresses (the TensorRT backend's CUDA graphs)."""
+On a CPU, outputs are the modules' own tensors: they stay valid for as long as they are held (more
+than the interface promises), and nothing is staged or captured.
+
+On CUDA, a graph whose inputs have static shapes (temporal prefill and step, denoise, place, the image
+VAE) replays `torch.cuda.CUDAGraph`s of its eager module (`cuda_graphs`: fixed input buffers, outputs
+in `OutputBuffers`, one capture per address set), so the module's numerics are kept: the 25 denoise
+calls of a mask step are 25 graph replays plus the copies of the inputs that changed. Graphs with a
+dynamic dim (text encoder, spatial, video VAE) run eagerly; their outputs are fresh tensors, stamped
+so that a static graph stages each once. All captures share one memory pool: every captured graph
+runs on the one stream, never two at once, and what outlives a replay (output and staging buffers)
+is allocated outside the pool. Everything is queued on torch's current stream; the host waits for the
+device only where torch does (uploads from pageable memory, downloads) and once per capture.
+
+Status: the CUDA path is written against torch's documented API and NOT run yet (no GPU here); its
+host logic is tested on CPU with a recording stand-in for the capture (tests/test_cuda_graph_logic.py).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +24,30 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from runtime.backends.base import Backend, BackendUnavailable
+from runtime.backends import cuda_graphs
+from runtime.backends.base import Backend, BackendUnavailable, OutputBuffers
 from runtime.graphs.contract import GraphSpec, run_module
+
+
+class TorchCudaGraphs(cuda_graphs.Captures):
+    """`Captures` with `torch.cuda.graph`: the eager run before a capture is its warm-up."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _launch(self, captured) -> None:
+        captured.replay()
+
+    def _capture(self, graph: str, enqueue):
+        captured = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(captured, pool=self.pool, capture_error_mode="thread_local"):
+                enqueue()  # recorded, not executed
+        except RuntimeError as error:
+            self._failed(graph, error)
+            return None
+        return captured
 
 
 class TorchBackend(Backend):
@@ -25,6 +59,22 @@ class TorchBackend(Backend):
             raise BackendUnavailable(f"the torch backend cannot use {device}: this torch build sees no CUDA GPU")
         self.specs = dict(specs)
         self.modules = {name: spec.build().to(self.device) for name, spec in self.specs.items()}
+        self.captures = None
+        if self.device.type == "cuda":
+            self._use_cuda_graphs(TorchCudaGraphs())
+
+    def _use_cuda_graphs(self, captures: cuda_graphs.Captures) -> None:
+        """Stage, buffer and capture every graph whose inputs and outputs have static shapes."""
+        static = [name for name, spec in self.specs.items()
+                  if all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)]
+        self.captures = captures
+        self.staging = {name: cuda_graphs.InputStaging(lambda value: torch.empty_like(value),
+                                                       lambda buffer, value: buffer.copy_(value))
+                        for name in static}
+        self.static_outputs = {name: {t.name: (t.shape, t.torch_dtype) for t in self.specs[name].outputs}
+                               for name in static}
+        self.buffers = OutputBuffers(lambda shape, dtype: cuda_graphs.output_buffer(
+            torch.empty(shape, dtype=dtype, device=self.device)))
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -32,13 +82,31 @@ class TorchBackend(Backend):
 
     def upload(self, array: np.ndarray) -> torch.Tensor:
         host = np.ascontiguousarray(array)
-        return torch.from_numpy(host if host.flags.writeable else host.copy()).to(self.device)
+        tensor = torch.from_numpy(host if host.flags.writeable else host.copy()).to(self.device)
+        return cuda_graphs.new_content(tensor) if self.captures is not None else tensor
 
     def download(self, array: torch.Tensor) -> np.ndarray:
         return array.detach().float().cpu().numpy() if array.dtype == torch.bfloat16 else array.detach().cpu().numpy()
 
     def run(self, graph: str, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return run_module(self.specs[graph], self.modules[graph], inputs)
+        spec, module = self.specs[graph], self.modules[graph]
+        if self.captures is None:
+            return run_module(spec, module, inputs)
+        if graph not in self.staging or graph in self.captures.eager:
+            return {name: cuda_graphs.new_content(value) for name, value in run_module(spec, module, inputs).items()}
+        staging = self.staging[graph]
+        bound = {t.name: staging.bind(t.name, inputs[t.name]) for t in spec.inputs}
+        outputs = dict(self.buffers.next(graph, self.static_outputs[graph]))
+        key = cuda_graphs.launch_key(graph, (v.data_ptr() for v in (*bound.values(), *outputs.values())))
+        if not self.captures.replay(key):
+            self.captures.record(key, lambda: self._write(spec, module, bound, outputs))
+        return outputs
+
+    @staticmethod
+    def _write(spec: GraphSpec, module, bound: dict, outputs: dict) -> None:
+        """The module on the bound inputs, its results copied into the output buffers (what is captured)."""
+        for name, value in run_module(spec, module, bound).items():
+            outputs[name].copy_(value)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
