@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime import checkpoint
-from runtime.configs import scheduler_config
+from runtime.configs import model_index, scheduler_config
 from runtime.draws import RandomDraws
 from runtime.model import vae as vae_ops
 from runtime.model.kv_cache import KVCache
@@ -52,7 +52,7 @@ class ReferencePipeline:
     def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "ReferencePipeline":
         """Load every component of a checkpoint folder, cast to `dtype` as the official pipeline does."""
-        checkpoint.model_index(folder)
+        model_index(folder)
         return cls(transformer=checkpoint.load_transformer(folder, dtype, device),
                    text_encoder=checkpoint.load_text_encoder(folder, dtype, device),
                    tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime import checkpoint
 from runtime.checkpoint import CheckpointError, load_text_encoder, load_transformer, load_vae, synthesize
+from runtime.configs import model_index
 from runtime.variants import VARIANT_NAMES
 
 OFFICIAL_FILES = {
@@ -102,12 +103,12 @@ def test_corrupt_and_missing_files_give_clear_errors(broken):
 
 def test_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        checkpoint.model_index(tmp_path / "nowhere")
+        model_index(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="missing file .*model_index.json"):
-        checkpoint.model_index(tmp_path)
+        model_index(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["x", "y"]}))
     with pytest.raises(CheckpointError, match="no 'text_encoder', 'tokenizer', 'vae', 'scheduler' entry"):
-        checkpoint.model_index(tmp_path)
+        model_index(tmp_path)
 
 
 def test_synthesize_refuses_unknown_variant_and_non_empty_target(tmp_path):
