@@ -275,3 +275,19 @@ def test_request_lists_what_the_runner_does_not_take(t2v_pipe):
     assert request.extra_options == ("guidance_trunc", "guidance_renorm", "image_guidance_scale", "latents")
     assert request.guidance_passes == 3
     assert validate_request(config, "a cat").guidance_passes == 2
+
+
+def test_runner_takes_flow_shift_and_refuses_the_rest_by_name(tiny_t2i, t2i_pipe):
+    from runtime.graphs.profile import BuildProfile
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=4))
+    steps = dict(num_inference_steps=4, num_diffusion_steps=3)
+    ours = runner("a red kite", seed=0, flow_shift=3.0, **steps)
+    theirs = t2i_pipe("a red kite", flow_shift=3.0, generator=_seeded(), disable_progress_bar=True, **steps)
+    np.testing.assert_allclose(ours.latents, theirs.latents.numpy(), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="^guidance_trunc is not implemented by the compiled runner yet; use "
+                                         "runtime.reference.ReferencePipeline$"):
+        runner("a red kite", seed=0, guidance_trunc=500, **steps)
+    with pytest.raises(ValueError, match="^guidance_renorm, latents are not implemented by the compiled runner"):
+        runner("a red kite", seed=0, guidance_renorm=0.5, latents=[torch.zeros(1, 4, 8, 8)], **steps)
