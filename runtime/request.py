@@ -1,6 +1,6 @@
 """A generation request: the official pipeline's options, validated against a checkpoint config.
 
-Shared by the reference pipeline and the runner; it needs neither torch nor a backend.
+Shared by the reference pipeline and the runner; it needs neither torch nor a backend (PIL resizes images).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import dataclasses
 import numbers
 
 import numpy as np
+
+from runtime.images import fit_image
 
 MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
 # The official default; `motion_flow=None` means it. Image checkpoints ignore it, as the official
@@ -29,8 +31,15 @@ class Request:
     guidance_scale: float
     max_latent_length: int
     motion_flow: float
-    image: np.ndarray | None
+    image: np.ndarray | None  # uint8 [H, W, 3] at the model resolution (`fit_image`)
     num_images_per_prompt: int
+    # The official HEAD's further options (guidance_scaler.py, pipeline_nova.py); the defaults are neutral.
+    guidance_trunc: float = 0.0
+    guidance_renorm: float = 1.0
+    image_guidance_scale: float = 0.0
+    spatiotemporal_guidance_scale: float = 0.0
+    flow_shift: float | None = None
+    latents: list | None = None  # prefilled latent frames, each [batch, C, h, w] (arrays or tensors)
 
     @property
     def num_prompts(self) -> int:
@@ -44,6 +53,25 @@ class Request:
     def guided(self) -> bool:
         return self.guidance_scale > 1
 
+    @property
+    def guidance_passes(self) -> int:
+        """Transformer rows per sample: 1; 2 with classifier-free guidance; 3 with the image or the
+        spatiotemporal guidance pass."""
+        if not self.guided:
+            return 1
+        return 3 if self.image_guidance_scale or self.spatiotemporal_guidance_scale else 2
+
+    @property
+    def extra_options(self) -> tuple[str, ...]:
+        """The official HEAD options this request uses that change the generation loop, in signature order.
+        flow_shift is not one: it only changes the sampler table. trunc and renorm do nothing unguided."""
+        used = {"guidance_trunc": self.guided and self.guidance_trunc > 0,
+                "guidance_renorm": self.guided and self.guidance_renorm < 1,
+                "image_guidance_scale": self.image_guidance_scale > 0,
+                "spatiotemporal_guidance_scale": self.spatiotemporal_guidance_scale > 0,
+                "latents": self.latents is not None}
+        return tuple(name for name, on in used.items() if on)
+
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -55,6 +83,13 @@ def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _at_least(name: str, value, minimum: float) -> float:
+    number = _number(name, value)
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    return number
 
 
 def _prompt_list(name: str, value, count: int | None = None) -> list[str]:
@@ -84,9 +119,34 @@ def _embeds_list(name: str, value, dim: int, count: int | None = None) -> list:
     return list(value)
 
 
+def _image(image, height: int, width: int) -> np.ndarray:
+    """Any-size uint8 RGB picture -> the model resolution, as the official demo prepares it (`fit_image`)."""
+    import PIL.Image
+
+    if not isinstance(image, PIL.Image.Image) and not (
+            isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.size > 0):
+        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be a uint8 [H, W, 3] RGB array or a PIL image, got {got}")
+    return fit_image(image, height, width)
+
+
+def _latent_frames(value, shape: tuple[int, ...]) -> list:
+    """The official `latents`: a list of latent frames, each [batch, C, h, w]; the last becomes frame 0."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"latents must be a non-empty list of {list(shape)} latent frames (batch, C, h, w)")
+    for i, frame in enumerate(value):
+        if tuple(getattr(frame, "shape", ())) != shape:
+            raise ValueError(f"latents[{i}] must have shape {list(shape)} (batch, C, h, w), got "
+                             f"{list(getattr(frame, 'shape', [])) or type(frame).__name__}")
+    return list(value)
+
+
 def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                      num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0, max_latent_length=1,
-                     motion_flow=None, image=None, num_images_per_prompt=1, **unknown) -> Request:
+                     motion_flow=None, image=None, num_images_per_prompt=1, guidance_trunc=0, guidance_renorm=1,
+                     image_guidance_scale=0, spatiotemporal_guidance_scale=0, flow_shift=None, latents=None,
+                     **unknown) -> Request:
     """The official pipeline's options with its defaults (the one place the runner takes them from),
     checked against the checkpoint before any work; raise ValueError naming the problem (TypeError for
     an option that does not exist)."""
@@ -113,17 +173,33 @@ def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds
     if image is not None:
         if not config.has_motion:
             raise ValueError("image-to-video needs a video checkpoint; this one generates images")
-        height, width = config.image_size
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != (height, width, 3):
-            got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"image must be a uint8 array of shape ({height}, {width}, 3) (HWC, the model "
-                             f"resolution), got {got}")
-        if length < 2:
-            raise ValueError("image-to-video needs max_latent_length >= 2 (the image is frame 0)")
+        if latents is not None:  # the official pipeline would ignore the image (no encode, no draw)
+            raise ValueError("give at most one of image and latents (the official pipeline ignores image when "
+                             "latents are given)")
+        image = _image(image, *config.image_size)
+    batch = count * _positive_int("num_images_per_prompt", num_images_per_prompt)
+    guidance = _number("guidance_scale", guidance_scale)
+    extra_pass = {name: _at_least(name, value, 0) for name, value in
+                  (("image_guidance_scale", image_guidance_scale),
+                   ("spatiotemporal_guidance_scale", spatiotemporal_guidance_scale))}
+    on = [name for name, value in extra_pass.items() if value > 0]
+    if len(on) == 2:  # each adds its own third pass; the official code stacks 4 text rows on 3 frame rows and fails
+        raise ValueError("image_guidance_scale and spatiotemporal_guidance_scale cannot be combined (each adds its "
+                         "own third guidance pass; the official pipeline fails on both)")
+    if on and guidance <= 1:  # officially the third pass's rows are cut from a CFG batch that does not exist
+        raise ValueError(f"{on[0]} needs guidance_scale > 1 (it adds a third pass to classifier-free guidance)")
+    if flow_shift is not None and _number("flow_shift", flow_shift) <= 0:
+        raise ValueError(f"flow_shift must be > 0 (None keeps the scheduler's shift), got {flow_shift!r}")
     return Request(
         prompts=prompts, negative_prompts=negatives, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
         num_inference_steps=steps,
         num_diffusion_steps=_positive_int("num_diffusion_steps", num_diffusion_steps),
-        guidance_scale=_number("guidance_scale", guidance_scale), max_latent_length=length,
+        guidance_scale=guidance, max_latent_length=length,
         motion_flow=DEFAULT_MOTION_FLOW if motion_flow is None else _number("motion_flow", motion_flow), image=image,
-        num_images_per_prompt=_positive_int("num_images_per_prompt", num_images_per_prompt))
+        num_images_per_prompt=_positive_int("num_images_per_prompt", num_images_per_prompt),
+        guidance_trunc=_at_least("guidance_trunc", guidance_trunc, 0),
+        guidance_renorm=_at_least("guidance_renorm", guidance_renorm, 0),
+        image_guidance_scale=extra_pass["image_guidance_scale"],
+        spatiotemporal_guidance_scale=extra_pass["spatiotemporal_guidance_scale"],
+        flow_shift=None if flow_shift is None else float(flow_shift),
+        latents=None if latents is None else _latent_frames(latents, (batch, config.image_dim, *config.latent_size)))

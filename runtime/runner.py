@@ -212,8 +212,12 @@ class NOVARunner:
     def _plan(self, prompt, options: dict) -> _Plan:
         """Validate the request and refuse what the graphs cannot serve, naming what they were built for."""
         request = validate_request(self.config, prompt, **options)
+        if request.extra_options:  # accepted by validate_request, not yet by the graphs
+            extras = request.extra_options
+            raise ValueError(f"{', '.join(extras)} {'is' if len(extras) == 1 else 'are'} not implemented by the "
+                             "compiled runner yet; use runtime.reference.ReferencePipeline")
         plan = _Plan(request, mask_schedule(self.geometry.num_tokens, request.num_inference_steps),
-                     SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps))
+                     SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps, request.flow_shift))
         g, built = self.geometry, f"these engines were built for {self.describe_build()}"
         if request.batch > g.batch:
             raise ValueError(f"{request.num_prompts} prompt(s) x {request.num_images_per_prompt} image(s) = "

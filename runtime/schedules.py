@@ -103,14 +103,19 @@ class SamplerTable:
     clip_range: float | None  # None: no clipping
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], num_steps: int) -> "SamplerTable":
+    def from_config(cls, config: Mapping[str, Any], num_steps: int, flow_shift: float | None = None) -> "SamplerTable":
         """The table of `num_steps` steps for a scheduler config (`scheduler_config`, or a diffusers `.config`
-        with its `_class_name`)."""
+        with its `_class_name`). `flow_shift` is the official call option: the pipeline hands it to the
+        flow-matching scheduler's `set_shift` before `set_timesteps`, so it replaces the config's shift in
+        the schedule's second shift only (the end points keep the config's)."""
         if num_steps < 1:
             raise ValueError(f"num_diffusion_steps must be >= 1, got {num_steps}")
         config = checked_config(config)
+        if flow_shift is not None and config["_class_name"] != FLOW_MATCH:
+            raise ValueError(f"flow_shift needs a flow-matching scheduler; this checkpoint samples with "
+                             f"{config['_class_name']} (the official pipeline fails on it too)")
         if config["_class_name"] == FLOW_MATCH:
-            timesteps, coefficients = _flow_match_table(config, num_steps)
+            timesteps, coefficients = _flow_match_table(config, num_steps, flow_shift)
             clip = None
         else:
             timesteps, coefficients = _ddpm_table(config, num_steps)
@@ -139,14 +144,17 @@ class SamplerTable:
 # -------------------------------------------------------------------------------------------------
 # diffusers' schedules, repeated in numpy with the same float32 (or float64) operations in the same order
 # -------------------------------------------------------------------------------------------------
-def _flow_match_table(config: dict[str, Any], num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _flow_match_table(config: dict[str, Any], num_steps: int,
+                      flow_shift: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FlowMatchEulerDiscreteScheduler: x_next = x + (sigma_next - sigma) * velocity."""
     train, shift = config["num_train_timesteps"], config["shift"]
     # The constructor shifts the training sigmas in float32; set_timesteps spaces between its first and last
-    # in float64 and shifts those again (diffusers shifts twice), then rounds to float32.
+    # in float64 and shifts those again (diffusers shifts twice), then rounds to float32. `set_shift` changes
+    # the shift of the second time only.
     ends = np.array([train, 1], np.float32) / np.float32(train)
     ends = np.float32(shift) * ends / (np.float32(1) + np.float32(shift - 1) * ends)
     sigmas = np.linspace(float(ends[0]) * train, float(ends[1]) * train, num_steps) / train
+    shift = shift if flow_shift is None else float(flow_shift)
     sigmas = np.append((shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32), np.float32(0))
     rows = np.zeros((num_steps, 6), np.float32)
     rows[:, [1, 2, 4]] = 1  # a = 0, b = r = d = 1, e = 0

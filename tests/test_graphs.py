@@ -144,6 +144,7 @@ def test_denoise_steps_equal_reference_denoise_loop(which, request):
     checkpoint = request.getfixturevalue(which)
     spec = _specs(checkpoint)["denoise"]
     module, g = spec.build(), _specs(checkpoint)["denoise"].build().geometry
+    from runtime.guidance import Guidance
     from runtime.reference import ReferencePipeline
 
     pipe = ReferencePipeline(checkpoint.modules("transformer", "fp32"), None, None, None,
@@ -154,12 +155,9 @@ def test_denoise_steps_equal_reference_denoise_loop(which, request):
     x0 = torch.randn(g.batch, g.channels, *g.latent_size, generator=gen)
     selected = torch.randperm(g.num_tokens, generator=gen)[: g.max_tokens_per_step].view(1, -1, 1)
 
-    class Request:
-        guided, guidance_scale = True, 5.0
-
     recorded = RecordedDraws(torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = pipe.denoise(z, x0.clone(), selected, sampler, Request, recorded)
+        expected = pipe.denoise(z, x0.clone(), selected, sampler, Guidance(5.0), recorded)
     rows = selected[..., 0]
     take = lambda t: patchify(t, g.patch).gather(1, rows.unsqueeze(-1).expand(-1, -1, g.token_dim))  # noqa: E731
     x, noises = take(x0), iter(recorded.tensors)

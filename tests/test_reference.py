@@ -75,7 +75,7 @@ def test_without_guidance(t2i_pipe):
     ({"max_latent_length": 3}, "image checkpoint: max_latent_length must be 1"),
     ({"image": np.zeros((64, 64, 3), np.uint8)}, "image-to-video needs a video checkpoint"),
     ({"negative_prompt": ["a", "b"]}, "negative_prompt has 2 entries for 1 prompts"),
-    ({"output_type": "pil"}, "output_type must be 'np' or 'latent'"),
+    ({"output_type": "numpy"}, "output_type must be one of 'pil', 'np', 'pt', 'latent'"),
     ({"prompt_embeds": [torch.zeros(3, 80)]}, "exactly one of prompt and prompt_embeds"),
 ])
 def test_bad_arguments_are_refused_before_any_work(t2i_pipe, kwargs, message):

@@ -164,6 +164,27 @@ def test_flow_match_table_equals_diffusers_bitwise():
     assert not _stochastic(table) and table.timesteps[0] == 1000.0 and table.timesteps[-1] == 1.0
 
 
+@pytest.mark.parametrize("config_shift", [1.0, 3.0])
+@pytest.mark.parametrize("flow_shift", [0.5, 3, 7.25])
+def test_flow_shift_equals_diffusers_set_shift_bitwise(config_shift, flow_shift):
+    """The official pipeline's `flow_shift`: `scheduler.set_shift(flow_shift)`, then `set_timesteps`."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config_shift)
+    table = SamplerTable.from_config(_config(scheduler), 25, flow_shift)
+    scheduler.set_shift(flow_shift)
+    _run_pair(scheduler, table, 25)
+    for steps in (1, 2, 25, 100):
+        _assert_same_table(SamplerTable.from_config(_config(scheduler), steps, flow_shift),
+                           _derived_table(scheduler, steps), f"{steps} steps")
+    unshifted = SamplerTable.from_config(_config(scheduler), 25)
+    assert np.array_equal(table.timesteps, unshifted.timesteps) == (flow_shift == config_shift)
+
+
+def test_flow_shift_is_refused_for_ddpm():
+    with pytest.raises(ValueError, match="^flow_shift needs a flow-matching scheduler; this checkpoint samples with "
+                                         "DDPMScheduler"):
+        SamplerTable.from_config({"_class_name": "DDPMScheduler"}, 10, flow_shift=3.0)
+
+
 @pytest.mark.parametrize("config", DDPM_CONFIGS)
 @pytest.mark.parametrize("steps", [25, 100])
 def test_ddpm_table_equals_diffusers_bitwise(config, steps):
