@@ -76,7 +76,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--motion-flow", type=float, metavar="FLOW",
                      help="motion strength of video checkpoints (default: 5; image checkpoints ignore it)")
     gen.add_argument("--image", type=Path, metavar="PNG",
-                     help="PNG at the model resolution: image-to-video from this first frame")
+                     help="an image of any size (centre-cropped and resized to the model resolution, as the "
+                          "official demo does): image-to-video from this first frame")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, type=Path, metavar="PATH",
