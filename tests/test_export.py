@@ -35,19 +35,20 @@ def _build(checkpoint, out, precision="fp32", **kwargs):
 def t2i_build(tiny_t2i, tmp_path_factory):
     # two prompts: the text encoder's batch and the VAE's batch are dynamic dims (checked at min/opt/max)
     return _build(tiny_t2i, tmp_path_factory.mktemp("engines") / "t2i-fp32",
-                  profile=BuildProfile(prompts=2, min_mask_steps=4))
+                  profile=BuildProfile(prompts=2, min_mask_steps=4, diffusion_steps=4))
 
 
 @pytest.fixture(scope="module")
 def t2v_build(tiny_t2v, tmp_path_factory):
     return _build(tiny_t2v, tmp_path_factory.mktemp("engines") / "t2v-fp32",
-                  profile=BuildProfile(min_mask_steps=4, max_latent_length=3))
+                  profile=BuildProfile(min_mask_steps=4, max_latent_length=3, diffusion_steps=4))
 
 
 @pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
 def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     builder, rows, _ = request.getfixturevalue(which)
-    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder", "configs"}
+    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "denoise_loop", "vae_decoder",
+                "configs"}
     if which == "t2v_build":
         expected |= {"temporal_step", "vae_encoder", "vae_decoder_single"}
     assert {r.component for r in rows} == expected and all(r.status == "rebuilt" for r in rows)
