@@ -11,8 +11,8 @@ Two counts per request:
   only, the diffusion MLP on exactly the tokens of each step). The same numerator for every backend,
   so achieved FLOP/s compare like time does.
 - `executed`: what the runner's graphs compute (spatial encoder half on the known tokens rounded up
-  to a bucket of N / 8, the diffusion MLP on n_max rows every step). executed / useful is the price
-  of bounded shapes.
+  to a bucket of N / 8, the diffusion MLP on n_max rows every step, its condition projection once per
+  mask step in denoise_loop). executed / useful is the price of bounded shapes.
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def diffusion_token(config) -> float:
     return 2.0 * (D * Dm + Dm * Dm) + n["mlp_depth"] * 10.0 * Dm * Dm + 4.0 * Dm * Dm + 4.0 * td * Dm
 
 
+def condition_projection(config, tokens: int, rows: int) -> float:
+    """The diffusion MLP's condition projection of z (part of every diffusion step in diffusion_token)."""
+    n = _config_numbers(config)
+    return rows * tokens * 2.0 * (n["D"] * n["Dm"] + n["Dm"] * n["Dm"])
+
+
 def diffusion_call(config, tokens: int, rows: int) -> float:
     """One diffusion step on `tokens` tokens of `rows` sequences (the timestep projection runs per row)."""
     Dm = _config_numbers(config)["Dm"]
@@ -130,7 +136,11 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     spatial_useful = frames * sum(spatial_step(config, k, rows) for k in known)
     spatial_executed = frames * sum(spatial_step(config, known_slots(n["N"], k), rows) for k in known)
     denoise_useful = frames * diffusion_steps * sum(diffusion_call(config, count, rows) for count in schedule)
-    denoise_executed = frames * diffusion_steps * len(schedule) * diffusion_call(config, n_max, rows)
+    # the runner's denoise_loop (the benchmark builds it for the request's step count): the condition
+    # projection once per mask step instead of once per diffusion step
+    loop_call = diffusion_steps * diffusion_call(config, n_max, rows) \
+        - (diffusion_steps - 1) * condition_projection(config, n_max, rows)
+    denoise_executed = frames * len(schedule) * loop_call
     h, w = config.latent_size
     if vae_config.get("_class_name") == "AutoencoderKLOpenSora":
         window = min(VIDEO_VAE_WINDOW, frames)
@@ -144,7 +154,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     per_call = {"text_encoder": text, "temporal_prefill": temporal_frame(config, 0, rows),
                 "temporal_step": (temporal - temporal_frame(config, 0, rows)) / (frames - 1) if frames > 1 else 0.0,
                 "spatial": spatial_executed / (frames * len(schedule)), "denoise": diffusion_call(config, n_max, rows),
-                "place": 0.0, "vae_decoder": vae / vae_calls}
+                "place": 0.0, "denoise_loop": loop_call, "vae_decoder": vae / vae_calls}
     return {"useful": useful, "executed": executed, "executed_per_graph_call": per_call}
 
 

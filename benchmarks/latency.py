@@ -44,7 +44,8 @@ from benchmarks.targets import STAGES, TargetSpec  # noqa: E402
 PROTOCOL = "@@bench "
 DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
 GRAPH_STAGE = {"text_encoder": "text", "temporal_prefill": "temporal", "temporal_step": "temporal",
-               "spatial": "spatial", "denoise": "denoise", "place": "denoise", "vae_decoder": "vae",
+               "spatial": "spatial", "denoise": "denoise", "place": "denoise", "denoise_loop": "denoise",
+               "vae_decoder": "vae",
                "vae_encoder": "vae"}
 
 
@@ -103,7 +104,8 @@ def worker(config: dict[str, Any]) -> int:
 
     spec = TargetSpec.parse(config["target"])
     profile = build_profile(Path(config["checkpoint"]), config["options"]["num_inference_steps"],
-                            config["options"].get("max_latent_length", 1), config["options"]["guidance_scale"])
+                            config["options"]["num_diffusion_steps"], config["options"].get("max_latent_length", 1),
+                            config["options"]["guidance_scale"])
     try:
         target = Target(spec, Path(config["checkpoint"]), config["device"],
                         engines=Path(config["engines"]) if config.get("engines") else None, profile=profile)
@@ -233,7 +235,7 @@ def run_benchmark(args) -> dict[str, Any]:
         raise ValueError("each target may appear once")
     options = {"num_inference_steps": args.steps, "num_diffusion_steps": args.diffusion_steps,
                "guidance_scale": args.guidance_scale, "max_latent_length": args.frames}
-    profile = build_profile(checkpoint, args.steps, args.frames, args.guidance_scale)
+    profile = build_profile(checkpoint, args.steps, args.diffusion_steps, args.frames, args.guidance_scale)
     geometry = Geometry.from_config(CheckpointConfigs.read(checkpoint).transformer, profile)
     counts = flop_counts.for_checkpoint(checkpoint, steps=args.steps, diffusion_steps=args.diffusion_steps,
                                         frames=args.frames, cfg=args.guidance_scale > 1,
@@ -442,7 +444,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Achieved throughput per stage", "",
               "FLOPs per request (NOVA_SPEC §6 formulas, benchmarks/flops.py): useful = the official algorithm; "
               "executed = the runner's graphs (spatial encoder half on the known tokens rounded up to a bucket of N/8, "
-              "diffusion MLP on n_max rows).", "",
+              "diffusion MLP on n_max rows, its condition projection once per mask step).", "",
               "| | " + " | ".join(STAGES) + " | total |", "|---|" + "---:|" * (len(STAGES) + 1),
               "| useful FLOPs | " + " | ".join(_flops(fl["useful"][s]) for s in STAGES)
               + f" | {_flops(sum(fl['useful'].values()))} |",

@@ -158,8 +158,13 @@ def expected_calls(runner, options: dict[str, Any]) -> dict[str, int]:
         vae = 1 + max(0, (frames - window) // (window - 1))
     else:
         vae = frames
+    diffusion_steps = options["num_diffusion_steps"]
+    if "denoise_loop" in runner.graphs and diffusion_steps == runner.profile.diffusion_steps:
+        diffusion = {"denoise_loop": frames * steps}
+    else:
+        diffusion = {"denoise": frames * steps * diffusion_steps, "place": frames * steps}
     return {"text_encoder": 1, "temporal_prefill": 1, "temporal_step": frames - 1, "spatial": frames * steps,
-            "denoise": frames * steps * options["num_diffusion_steps"], "place": frames * steps, "vae_decoder": vae}
+            **diffusion, "vae_decoder": vae}
 
 
 def sample_indices(count: int, samples: int) -> set[int]:
@@ -328,7 +333,7 @@ def run_parity(args) -> dict[str, Any]:
     specs = [TargetSpec.parse(t) for t in (args.targets.split(",") if args.targets else default_targets(args.device))]
     options = {"num_inference_steps": args.steps, "num_diffusion_steps": args.diffusion_steps,
                "guidance_scale": args.guidance_scale, "max_latent_length": args.frames}
-    profile = build_profile(checkpoint, args.steps, args.frames, args.guidance_scale)
+    profile = build_profile(checkpoint, args.steps, args.diffusion_steps, args.frames, args.guidance_scale)
     folders, builds = engine_folders(specs, parse_engines(args.engines), checkpoint, args, profile, log)
     generator = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731  (CPU: the runner's own choice)
 

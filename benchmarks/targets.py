@@ -15,7 +15,8 @@ the methods that make up each stage:
     text      ReferencePipeline.text_features (Phi-2)
     temporal  transformer.condition / frame_tokens / temporal / indicator (+ video_pos_embed)
     spatial   transformer.spatial
-    denoise   ReferencePipeline.denoise (diffusion MLP, CFG, sampler; the runner's denoise + place graphs)
+    denoise   ReferencePipeline.denoise (diffusion MLP, CFG, sampler; the runner's denoise_loop graph, or
+              denoise + place at a step count the build did not unroll)
     vae       vae.decode
     other     the rest of the call (host work: random draws, argsort, index tables, copies)
 
@@ -221,9 +222,11 @@ def build_engines(checkpoint: Path, precision: str, out: Path, profile, backend:
     return Path(out)
 
 
-def build_profile(checkpoint: Path, steps: int, frames: int, guidance_scale: float):
-    """The smallest build profile serving the benchmark request (one prompt, one image)."""
+def build_profile(checkpoint: Path, steps: int, diffusion_steps: int, frames: int, guidance_scale: float):
+    """The smallest build profile serving the benchmark request (one prompt, one image), its diffusion loop
+    unrolled for the request's step count (one launch per mask step, as a deployment runs it)."""
     from runtime.graphs.profile import BuildProfile
 
     return BuildProfile(prompts=1, images_per_prompt=1, cfg=guidance_scale > 1, min_mask_steps=steps,
-                        max_latent_length=frames if frames > 1 else None, image_to_video=False)
+                        max_latent_length=frames if frames > 1 else None, image_to_video=False,
+                        diffusion_steps=diffusion_steps)

@@ -43,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python export/build_engines.py",
         description="Export a NOVA checkpoint as separate graphs (text encoder, temporal prefill/step, spatial, "
-                    "denoise, place, VAE decoder/encoder), check each against its PyTorch module in ONNX Runtime, "
-                    "and build TensorRT engines where TensorRT is installed. Unchanged graphs are reused.",
+                    "denoise, place, the unrolled denoise loop, VAE decoder/encoder), check each against its "
+                    "PyTorch module in ONNX Runtime, and build TensorRT engines where TensorRT is installed. "
+                    "Unchanged graphs are reused.",
         epilog="Every static shape follows from the build profile; a request outside it (more prompts, a longer "
                "video, fewer mask steps) is refused by the runner. See engines/README.md for the artifacts, the "
                "manifest and the precision policy.",
@@ -76,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
                       help="fewest num_inference_steps a request may use; sets the tokens per mask step")
     prof.add_argument("--max-tokens-per-step", type=_positive, default=None,
                       help="tokens per mask step, overriding the value derived from --min-mask-steps")
+    prof.add_argument("--diffusion-steps", type=_positive, default=25,
+                      help="num_diffusion_steps the diffusion loop is unrolled for (one launch per mask step); "
+                           "requests with another num_diffusion_steps run one launch per diffusion step")
     prof.add_argument("--no-image-to-video", action="store_true", help="video checkpoints: skip the VAE encoder")
     run = p.add_argument_group("build")
     run.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
@@ -119,7 +123,7 @@ def _build(args: argparse.Namespace) -> int:
         out = args.out or Path("engines") / f"{Path(folder).resolve().name}-{args.precision}"
         profile = BuildProfile(prompts=args.prompts, images_per_prompt=args.images_per_prompt, cfg=not args.no_cfg,
                                max_latent_length=args.max_latent_length, min_mask_steps=args.min_mask_steps,
-                               max_tokens_per_step=args.max_tokens_per_step,
+                               max_tokens_per_step=args.max_tokens_per_step, diffusion_steps=args.diffusion_steps,
                                image_to_video=not args.no_image_to_video)
         options = BuildOptions(
             checkpoint=Path(folder), out=out, precision=args.precision, backend=args.backend, profile=profile,

@@ -24,6 +24,8 @@ from typing import Any
 
 import onnx
 import torch
+import onnx_ir as ir
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
 from runtime.graphs.contract import GraphSpec
 
@@ -96,12 +98,29 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
                           f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
     else:
         exported = time.perf_counter()
+        _deduplicate_weights(raw)
         _relayout(raw, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     check_declaration(spec, path)
     return {"exporter": exporter, "opset": opset, "export_seconds": round(exported - start, 3),
             "total_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _deduplicate_weights(raw: Path) -> None:
+    """Keep one initializer per distinct content. Constant folding gives each use of a weight its own folded
+    copy (a Linear's transposed weight), so a graph that calls a module several times (denoise_loop's
+    unrolled diffusion steps) would store that module's weights once per call. Re-saved only when changed."""
+    model = ir.load(str(raw))  # weights memory-mapped from the external data, hashed one at a time
+    if not DeduplicateHashedInitializersPass()(model).modified:
+        return
+    folder = raw.parent / "deduplicated"  # the same file names: the graph records its data file's name
+    folder.mkdir()
+    ir.save(model, str(folder / raw.name), external_data=raw.name + ".data")
+    del model  # release the memory map of the old data before replacing it
+    for file in folder.iterdir():
+        file.replace(raw.parent / file.name)
+    folder.rmdir()
 
 
 def _relayout(raw: Path, path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 CONFIGS_DIR = "configs"
-FORMAT = 2
+FORMAT = 3  # 3: BuildProfile.diffusion_steps and the denoise_loop graph
 REBUILD = "rebuild with export/build_engines.py"
 
 

@@ -9,8 +9,13 @@ whose uploads wait for the device waits once per mask step. Each step then feeds
 graph and hands its outputs to the next one:
 
     text_encoder -> temporal_prefill / temporal_step (KV cache in, KV cache out)    per latent frame
-                 -> spatial -> denoise x S -> place                                per mask step
+                 -> spatial -> denoise_loop                                        per mask step
                  -> vae_decoder (per sample; per window of 5 latents for the video VAE)
+
+`denoise_loop` is the mask step's whole diffusion loop (S diffusion steps of the head with CFG, the
+sampler update, the noise) and the placing of its tokens, unrolled for the build's S
+(`BuildProfile.diffusion_steps`): 2 launches per mask step. A request with another num_diffusion_steps
+runs the single-step graphs instead, one launch per diffusion step: spatial -> denoise x S -> place.
 
 The loops are identical for every backend (torch, onnxruntime, tensorrt), so they are tested on CPU.
 With the same seed the random draws equal the reference pipeline's (torch.Generator; the draws
@@ -61,6 +66,7 @@ class _Plan:
     request: Request
     schedule: list[int]  # tokens predicted per mask step
     sampler: SamplerTable
+    unrolled: bool  # denoise_loop runs the request's diffusion steps (else denoise per step, then place)
 
 
 @dataclasses.dataclass
@@ -204,9 +210,10 @@ class NOVARunner:
 
     def describe_build(self) -> str:
         g = self.geometry
+        loop = f", {self.profile.diffusion_steps} diffusion steps per launch" if "denoise_loop" in self.graphs else ""
         return (f"{g.batch} image(s) per call ({self.profile.prompts} prompt(s) x {self.profile.images_per_prompt}), "
                 f"CFG {'on' if g.cfg else 'off'}, up to {g.max_latent_length} latent frame(s), "
-                f"up to {g.max_tokens_per_step} tokens per mask step")
+                f"up to {g.max_tokens_per_step} tokens per mask step{loop}")
 
     # -- request checks -----------------------------------------------------------------------------
     def _plan(self, prompt, options: dict) -> _Plan:
@@ -217,7 +224,8 @@ class NOVARunner:
             raise ValueError(f"{', '.join(extras)} {'is' if len(extras) == 1 else 'are'} not implemented by the "
                              "compiled runner yet; use runtime.reference.ReferencePipeline")
         plan = _Plan(request, mask_schedule(self.geometry.num_tokens, request.num_inference_steps),
-                     SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps, request.flow_shift))
+                     SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps, request.flow_shift),
+                     "denoise_loop" in self.graphs and request.num_diffusion_steps == self.profile.diffusion_steps)
         g, built = self.geometry, f"these engines were built for {self.describe_build()}"
         if request.batch > g.batch:
             raise ValueError(f"{request.num_prompts} prompt(s) x {request.num_images_per_prompt} image(s) = "
@@ -241,9 +249,9 @@ class NOVARunner:
 
     # -- the loops ------------------------------------------------------------------------------------
     # Buffer lifetime: a graph's output stays valid until that graph has run twice more (`Backend`). The
-    # loops rely on it where an output feeds the same graph's next call (x -> denoise, canvas -> place,
-    # the KV cache -> temporal_step) and where one is held while other graphs run (the indicator and
-    # anchor through a frame, z_selected through a mask step's diffusion steps).
+    # loops rely on it where an output feeds the same graph's next call (x -> denoise, canvas -> place or
+    # denoise_loop, the KV cache -> temporal_step) and where one is held while other graphs run (the
+    # indicator and anchor through a frame, z_selected through a mask step's diffusion steps).
     def _generate(self, plan: _Plan, draws, timer: _Timer, progress: bool) -> Generator[np.ndarray, None, np.ndarray]:
         """Yield decoded pixels as they become decodable; -> the latents [B, C, T, h, w]."""
         from tqdm.auto import tqdm
@@ -323,35 +331,56 @@ class NOVARunner:
         return steps
 
     def _sampler_feeds(self, plan: _Plan) -> list[dict]:
-        """The denoise graph's sampler inputs for every diffusion step, uploaded once per request; `noise`
-        is zeros here and replaced by the step's draw where the sampler adds noise (DDPM at t > 0)."""
+        """The sampler inputs of each diffusion launch of a mask step, uploaded once per request: one feed of
+        the whole table for denoise_loop, else one per diffusion step for denoise. `noise` is zeros here and
+        replaced by the mask step's draws where the sampler adds noise (DDPM at t > 0)."""
         g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
-        clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
-        guidance = upload(np.array([plan.request.guidance_scale], np.float32))
-        no_noise = upload(np.zeros((g.batch, g.max_tokens_per_step, g.token_dim), np.float32))
-        return [{"timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
-                 "clip_range": clip, "guidance_scale": guidance, "noise": no_noise}
+        rows = (g.batch, g.max_tokens_per_step, g.token_dim)
+        constants = {"clip_range": upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP],
+                                                   np.float32)),
+                     "guidance_scale": upload(np.array([plan.request.guidance_scale], np.float32))}
+        if plan.unrolled:
+            return [{**constants, "timesteps": upload(sampler.timesteps), "coefficients": upload(sampler.coefficients),
+                     "noise": upload(np.zeros((len(sampler.timesteps), *rows), np.float32))}]
+        no_noise = upload(np.zeros(rows, np.float32))
+        return [{**constants, "timestep": upload(sampler.timesteps[j:j + 1]),
+                 "coefficients": upload(sampler.coefficients[j]), "noise": no_noise}
                 for j in range(len(sampler.timesteps))]
+
+    def _step_noise(self, plan: _Plan, selected: np.ndarray, draws) -> tuple[object, list[dict]]:
+        """A mask step's draws in the reference's order (the initial noise, then each noise-adding diffusion
+        step's), each for the whole canvas as the reference draws it; only the step's rows go up, all before
+        the step's launches (an upload waits for the device, so it is done once per step).
+        -> x on the device, and per diffusion launch (`_sampler_feeds`) its noise feed ({}: the zeros stay)."""
+        g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
+        shape, dtype = (plan.request.batch, g.channels, *g.latent_size), self._draw_dtype
+        x = upload(_gather_rows(draws.normal(shape, dtype), selected, g))
+        steps = range(len(sampler.timesteps))
+        noise = {j: _gather_rows(draws.normal(shape, dtype), selected, g) for j in steps if sampler.draws_noise(j)}
+        if not plan.unrolled:
+            return x, [{"noise": upload(noise[j])} if j in noise else {} for j in steps]
+        if not noise:
+            return x, [{}]
+        zeros = np.zeros((g.batch, g.max_tokens_per_step, g.token_dim), np.float32)
+        return x, [{"noise": upload(np.stack([noise.get(j, zeros) for j in steps]))}]  # all steps' in one upload
 
     def _frame(self, plan: _Plan, feeds: list[dict], mask_steps: list[_MaskStep], indicator, draws, timer: _Timer,
                bar) -> np.ndarray:
         """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
         g, backend, run = self.geometry, self.backend, self.backend.run
-        shape, dtype = (plan.request.batch, g.channels, *g.latent_size), self._draw_dtype
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
         for step in mask_steps:
-            # The step's draws in the reference's order (the initial noise, then each noise-adding diffusion
-            # step's), each for the whole canvas as the reference draws it; only the step's rows go up. All
-            # are uploaded before the step's launches: an upload waits for the device, so it is done once.
-            x = backend.upload(_gather_rows(draws.normal(shape, dtype), step.selected, g))
-            noise = {j: {"noise": backend.upload(_gather_rows(draws.normal(shape, dtype), step.selected, g))}
-                     for j in range(len(feeds)) if plan.sampler.draws_noise(j)}
+            x, noise = self._step_noise(plan, step.selected, draws)
             with timer.stage("spatial"):
                 z = run("spatial", {"canvas": canvas, "indicator": indicator, **step.spatial})["z_selected"]
             with timer.stage("denoise"):
-                for j, inputs in enumerate(feeds):
-                    x = run("denoise", {**inputs, **noise.get(j, {}), "x": x, "z_selected": z})["x_next"]
-                canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
+                if plan.unrolled:  # one launch: every diffusion step, then the placing
+                    canvas = run("denoise_loop", {**feeds[0], **noise[0], "canvas": canvas, "x": x, "z_selected": z,
+                                                  **step.place})["canvas_out"]
+                else:  # one launch per diffusion step, then one to place
+                    for inputs, step_noise in zip(feeds, noise):
+                        x = run("denoise", {**inputs, **step_noise, "x": x, "z_selected": z})["x_next"]
+                    canvas = run("place", {"canvas": canvas, "x": x, **step.place})["canvas_out"]
             bar.update(1)
         return backend.download(canvas).astype(np.float32)
 

@@ -137,10 +137,12 @@ def test_latency_script_writes_real_reports(tiny_t2i, tmp_path):
         assert target["throughput"]["spatial"]["useful_flops_per_s"] == pytest.approx(
             report["flops"]["useful"]["spatial"] / stages["spatial"])
     runner = report["targets"][2]
-    assert runner["graph_calls"]["denoise"]["calls"] == 4 * 2 and runner["graph_calls"]["spatial"]["calls"] == 4
-    denoise = runner["overhead"]["denoise"]
-    assert denoise["compute_floor_seconds"] == pytest.approx(denoise["flops_per_call"] / ceiling)
-    assert denoise["above_floor_seconds"] == pytest.approx(denoise["per_call_seconds"] - denoise["compute_floor_seconds"])
+    # built for the request's 2 diffusion steps: one denoise_loop launch per mask step
+    assert runner["graph_calls"]["denoise_loop"]["calls"] == runner["graph_calls"]["spatial"]["calls"] == 4
+    assert "denoise" not in runner["graph_calls"]
+    loop = runner["overhead"]["denoise_loop"]
+    assert loop["compute_floor_seconds"] == pytest.approx(loop["flops_per_call"] / ceiling)
+    assert loop["above_floor_seconds"] == pytest.approx(loop["per_call_seconds"] - loop["compute_floor_seconds"])
     markdown = (tmp_path / "out" / "latency-tiny-t2i.md").read_text()
     assert "| onnxruntime:fp32 | " in markdown and "x |" in markdown and "nan" not in markdown.lower()
     check_png(tmp_path / "out" / "latency-tiny-t2i.png")
@@ -153,10 +155,11 @@ def test_parity_script_writes_real_reports(tiny_t2i, tmp_path):
     assert report["environment"]["versions"]["onnxruntime"] and report["self_drift"]["latents"]["max_abs"] < 1e-3
     torch_fp32, ort_fp32 = report["targets"]
     graphs = {g["graph"] for g in torch_fp32["graphs"]}
-    assert graphs == {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder"}
+    # built for the request's 2 diffusion steps: denoise_loop, not denoise and place
+    assert graphs == {"text_encoder", "temporal_prefill", "spatial", "denoise_loop", "vae_decoder"}
     assert all(g["max_abs"] == 0 for g in torch_fp32["graphs"])  # the recorded modules against themselves
     rounding = {g["graph"]: g for g in report["graph_rounding_fp32_vs_fp64"]}
-    assert 0 < rounding["spatial"]["max_abs"] < 1e-4 and rounding["place"]["max_abs"] == 0
+    assert 0 < rounding["spatial"]["max_abs"] < 1e-4 and rounding["denoise_loop"]["max_abs"] < 1e-4
     assert all(g["finite"] and g["cosine"] > 0.9999 for g in ort_fp32["graphs"])
     assert max(g["max_abs"] for g in ort_fp32["graphs"] if g["dtype"] == "float32") < 1e-3
     for target in (torch_fp32, ort_fp32):

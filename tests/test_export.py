@@ -35,19 +35,20 @@ def _build(checkpoint, out, precision="fp32", **kwargs):
 def t2i_build(tiny_t2i, t2i_b4_engines):
     """Four prompts: the text encoder's batch and the VAE's batch are dynamic dims (checked at min/opt/max).
     The session's folder, reused by the same Builder."""
-    return _build(tiny_t2i, t2i_b4_engines, profile=BuildProfile(prompts=4, min_mask_steps=8))
+    return _build(tiny_t2i, t2i_b4_engines, profile=BuildProfile(prompts=4, min_mask_steps=8, diffusion_steps=4))
 
 
 @pytest.fixture(scope="module")
 def t2v_build(tiny_t2v, t2v_engines):
     """The session's video engine folder (built by the same Builder), reused: the rows say so."""
-    return _build(tiny_t2v, t2v_engines, profile=BuildProfile(min_mask_steps=4, max_latent_length=9))
+    return _build(tiny_t2v, t2v_engines, profile=BuildProfile(min_mask_steps=4, max_latent_length=9, diffusion_steps=4))
 
 
 @pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
 def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     builder, rows, _ = request.getfixturevalue(which)
-    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "vae_decoder", "configs"}
+    expected = {"text_encoder", "temporal_prefill", "spatial", "denoise", "place", "denoise_loop", "vae_decoder",
+                "configs"}
     if which == "t2v_build":
         expected |= {"temporal_step", "vae_encoder", "vae_decoder_single"}
     assert {r.component for r in rows} == expected and all(r.status in ("rebuilt", "reused") for r in rows)

@@ -180,7 +180,7 @@ def test_tensorrt_backend_without_tensorrt_is_one_clear_sentence(t2i_engines):
 def test_tensorrt_runner_matches_reference(tiny_t2i, tmp_path, t2i_pipe):
     out = tmp_path / "trt"
     build(BuildOptions(checkpoint=tiny_t2i, out=out, precision="fp32", backend="tensorrt", progress=False,
-                       profile=BuildProfile(min_mask_steps=8)), report=lambda message: None)
+                       profile=BuildProfile(min_mask_steps=8, diffusion_steps=4)), report=lambda message: None)
     runner = NOVARunner.from_engines(out, backend="tensorrt", device="cuda")
     ours = runner("a cat", seed=0, num_inference_steps=8, num_diffusion_steps=4)
     theirs = t2i_pipe("a cat", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,

@@ -146,19 +146,19 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     gpu = simulated_gpu.install(monkeypatch)
     folder = shutil.copytree(t2i_engines, tmp_path / "trt")  # its ONNX graphs are reused, plans added
     build(BuildOptions(checkpoint=tiny_t2i, out=folder, precision="fp32", backend="tensorrt",
-                       profile=BuildProfile(min_mask_steps=8), validate=False, progress=False),
+                       profile=BuildProfile(min_mask_steps=8, diffusion_steps=4), validate=False, progress=False),
           report=lambda message: None)
     runner = NOVARunner.from_engines(folder)  # auto: plans, TensorRT and no device given -> TensorRT on cuda
     assert runner.backend.name == "tensorrt"
     assert NOVARunner.from_engines(folder, device="cpu").backend.name == "onnxruntime"  # auto on a CPU
     expected = NOVARunner.from_engines(t2i_engines, backend="onnxruntime")
-    options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=4, negative_prompt="blurry")
+    options = dict(seed=0, num_inference_steps=8, num_diffusion_steps=4, negative_prompt="blurry")  # unrolled: 4
 
     first = runner("a lighthouse", **options)
     theirs = expected("a lighthouse", **options)
     assert np.array_equal(first.latents, theirs.latents) and np.array_equal(first.images, theirs.images)
     backend = runner.backend
-    assert {key[0] for key in backend.cuda_graphs.execs} == {"temporal_prefill", "denoise", "place", "vae_decoder"}
+    assert {key[0] for key in backend.cuda_graphs.execs} == {"temporal_prefill", "denoise_loop", "vae_decoder"}
     assert len(backend.captured_contexts) == len(backend.cuda_graphs.execs)  # a context per captured graph
 
     mallocs = gpu.mallocs
@@ -169,11 +169,16 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     assert gpu.mallocs == mallocs  # buffers and staging are permanent, uploads reuse the first request's memory
     steps = len(mask_schedule(runner.geometry.num_tokens, 8))
     launches = {key: gpu.counts[key] - counts[key] for key in counts}
-    assert launches["capture"] == 0 and launches["graph_launch"] == 2 + steps * (4 + 1)  # prefill, vae; denoise, place
+    assert launches["capture"] == 0 and launches["graph_launch"] == 2 + steps  # prefill, vae; denoise_loop per step
     # the host waits for the device: the text features, the frame's index inputs, each later mask step's noise
     # (uploaded before its launches), the canvas and the pixels; never between the launches of a mask step
     assert launches["wait"] == 1 + 1 + (steps - 1) + 1 + 1
     assert launches["execute"] - launches["graph_launch"] == 1 + steps  # eager: the text encoder, spatial per step
+
+    fallback = {**options, "num_diffusion_steps": 3}  # a count the build did not unroll: denoise x 3, then place
+    ours, theirs = runner("a lighthouse", **fallback), expected("a lighthouse", **fallback)
+    assert np.array_equal(ours.latents, theirs.latents) and np.array_equal(ours.images, theirs.images)
+    assert {key[0] for key in backend.cuda_graphs.execs} >= {"denoise", "place"}  # static shapes: captured too
 
     feeds = {"canvas": np.zeros((1, 4, 8, 8), np.float64)}  # float64 where the engine takes float32: refused
     with pytest.raises(ValueError, match=r"place: input canvas is float64\[1, 4, 8, 8\] where the engine takes float32"):

@@ -12,12 +12,13 @@ waits for the device only around host memory (uploads, downloads). Memory:
   stream: work that writes reused memory is queued after the launches that read it.
 
 CUDA graphs: an engine whose inputs have static shapes (in the default builds: temporal prefill and
-step, denoise, place, the image VAE; not the text encoder, the spatial graph or the video VAE) reads
-its inputs from fixed staging buffers (`InputStaging`) or straight from other graphs' output
-buffers, so a launch binds one of a few fixed address sets. Each set is captured once into a CUDA
-graph, on an execution context of its own (TensorRT's advice; contexts share the activation buffer),
-and replayed from then on (`CudaGraphs`): the 25 denoise launches of a mask step cost one graph
-launch each plus the copies of the inputs that changed (the step's sampler row, its noise). Inputs
+step, denoise_loop, denoise, place, the image VAE; not the text encoder, the spatial graph or the
+video VAE) reads its inputs from fixed staging buffers (`InputStaging`) or straight from other graphs'
+output buffers, so a launch binds one of a few fixed address sets. Each set is captured once into a
+CUDA graph, on an execution context of its own (TensorRT's advice; contexts share the activation
+buffer), and replayed from then on (`CudaGraphs`): a mask step's denoise_loop costs one graph launch
+plus the copies of the inputs that changed (its initial noise, and the step noise where the sampler
+adds some); the fallback's denoise launches, one per diffusion step, each copy their sampler row. Inputs
 are checked against the engine's dtypes and shapes before anything is bound; bf16 activations are
 stored as 16-bit patterns (numpy has no bfloat16) and never leave the device.
 

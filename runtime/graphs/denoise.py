@@ -1,5 +1,8 @@
 """The end of a mask step: `denoise` (one diffusion step of the selected tokens: the diffusion head,
-CFG mixing and the sampler update) and `place` (the sampled tokens into the canvas)."""
+CFG mixing and the sampler update), `place` (the sampled tokens into the canvas), and `denoise_loop`
+(all of a mask step's diffusion steps, unrolled for the build's step count, then the placing: one
+launch per mask step instead of one per diffusion step). The loop and the single-step graphs run the
+same two functions, `diffusion_step` and `place_tokens`."""
 
 from __future__ import annotations
 
@@ -8,10 +11,35 @@ import torch
 from runtime.graphs.common import GraphModule, cfg_rows
 from runtime.graphs.contract import GraphContext, GraphSpec, randint, randn, random_orders, sources, tensor
 from runtime.graphs.profile import NO_CLIP, Geometry
-from runtime.model.transformer import NOVATransformer3DModel, patchify, unpatchify
+from runtime.model.transformer import DiffusionMLP, NOVATransformer3DModel, patchify, unpatchify
 from runtime.schedules import SamplerTable
 
 SOURCES = sources("runtime/graphs/denoise.py", "runtime/model/transformer.py", "runtime/model/config.py")
+
+
+def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, x: torch.Tensor,
+                   condition: torch.Tensor, timestep: torch.Tensor, coefficients: torch.Tensor,
+                   clip_range: torch.Tensor, noise: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+    """One diffusion step (see DenoiseGraph) given z_selected's condition projection, which does not depend
+    on the step. -> x_next [B, n, 16] f32."""
+    model_in = cfg_rows(x.to(compute_dtype), geometry.cfg)
+    out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
+    if geometry.cfg:
+        cond, uncond = out.chunk(2)
+        out = uncond + (cond - uncond) * guidance_scale
+    a, b, r, c, d, e = coefficients.split(1)
+    pred = (a * x + b * out) / r
+    pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
+    return c * pred + d * x + e * noise
+
+
+def place_tokens(geometry: Geometry, canvas: torch.Tensor, x: torch.Tensor, selected: torch.Tensor,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """canvas with x added at the valid selected tokens (see PlaceGraph)."""
+    tokens = patchify(canvas, geometry.patch)
+    index = selected.unsqueeze(-1).expand(-1, -1, geometry.token_dim)
+    update = tokens.gather(1, index) + torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x))
+    return unpatchify(tokens.scatter(1, index, update), geometry.patch, *geometry.latent_size)
 
 
 class DenoiseGraph(GraphModule):
@@ -28,22 +56,15 @@ class DenoiseGraph(GraphModule):
 
     def __init__(self, model: NOVATransformer3DModel, geometry: Geometry, compute_dtype: torch.dtype):
         super().__init__(compute_dtype)
-        self.model, self.geometry = model, geometry
+        self.head, self.geometry = model.image_decoder, geometry
 
     def forward(self, x: torch.Tensor, z_selected: torch.Tensor, timestep: torch.Tensor,
                 coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
                 guidance_scale: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
         with self.islands():
-            model_in = cfg_rows(x.to(self.compute_dtype), g.cfg)
-            out = self.model.denoise_head(model_in, timestep.expand(model_in.shape[0]), z_selected).float()
-            if g.cfg:
-                cond, uncond = out.chunk(2)
-                out = uncond + (cond - uncond) * guidance_scale
-            a, b, r, c, d, e = coefficients.split(1)
-            pred = (a * x + b * out) / r
-            pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
-            return c * pred + d * x + e * noise
+            condition = self.head.time_cond_embed.condition_proj(z_selected)
+            return diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timestep, coefficients,
+                                  clip_range, noise, guidance_scale)
 
 
 def denoise_spec(ctx: GraphContext) -> GraphSpec:
@@ -89,23 +110,15 @@ class PlaceGraph(GraphModule):
 
     def forward(self, canvas: torch.Tensor, x: torch.Tensor, selected: torch.Tensor,
                 valid: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        tokens = patchify(canvas, g.patch)
-        index = selected.unsqueeze(-1).expand(-1, -1, g.token_dim)
-        update = tokens.gather(1, index) + torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x))
-        return unpatchify(tokens.scatter(1, index, update), g.patch, *g.latent_size)
+        return place_tokens(self.geometry, canvas, x, selected, valid)
 
 
 def place_spec(ctx: GraphContext) -> GraphSpec:
     g, name = ctx.geometry, "place"
-    B, N, n, td, canvas = g.batch, g.num_tokens, g.max_tokens_per_step, g.token_dim, (g.channels, *g.latent_size)
+    B, n, td, canvas = g.batch, g.max_tokens_per_step, g.token_dim, (g.channels, *g.latent_size)
 
     def place_sample(values: dict[str, int], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        count = int(randint(1, n + 1, (1,), gen))
-        order, first = random_orders(B, N, gen), int(randint(0, N, (1,), gen))
-        return {"canvas": randn((B, *canvas), gen), "x": randn((B, n, td), gen),
-                "selected": order[:, (first + torch.arange(n)) % N],  # distinct ids: a cyclic window of an order
-                "valid": (torch.arange(n) < count).expand(B, -1).clone()}
+        return {"canvas": randn((B, *canvas), gen), "x": randn((B, n, td), gen), **_token_window(g, gen)}
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
@@ -116,3 +129,71 @@ def place_spec(ctx: GraphContext) -> GraphSpec:
         outputs=(tensor("canvas_out", "float32", B, *canvas),),
         dims={}, component=None, weight_prefixes=(), sources=SOURCES, sample=place_sample,
         build=lambda: PlaceGraph(g).eval())
+
+
+def _token_window(g: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sample `selected` and `valid`: distinct ids per row (a cyclic window of a token order), some of them valid."""
+    B, N, n = g.batch, g.num_tokens, g.max_tokens_per_step
+    count = int(randint(1, n + 1, (1,), gen))
+    order, first = random_orders(B, N, gen), int(randint(0, N, (1,), gen))
+    return {"selected": order[:, (first + torch.arange(n)) % N],
+            "valid": (torch.arange(n) < count).expand(B, -1).clone()}
+
+
+class DenoiseLoopGraph(GraphModule):
+    """`denoise_loop`: a mask step's whole diffusion loop, unrolled for `steps` steps, then `place`.
+
+    canvas [B, C, h, w] f32, x [B, n, 16] f32 (the initial noise rows), z_selected [M, n, D],
+    timesteps [S] f32, coefficients [S, 6] f32 (`SamplerTable`), clip_range [1] f32, noise [S, B, n, 16]
+    f32 (step j's noise rows, zeros where the sampler adds none), guidance_scale [1] f32, selected
+    [B, n] int64, valid [B, n] bool -> canvas_out [B, C, h, w] f32: S `denoise` steps and `place`, the
+    same functions on the same inputs, except that z_selected's condition projection is computed once.
+    """
+
+    def __init__(self, model: NOVATransformer3DModel, geometry: Geometry, compute_dtype: torch.dtype, steps: int):
+        super().__init__(compute_dtype)
+        self.head, self.geometry, self.steps = model.image_decoder, geometry, steps
+
+    def forward(self, canvas: torch.Tensor, x: torch.Tensor, z_selected: torch.Tensor, timesteps: torch.Tensor,
+                coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
+                guidance_scale: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        with self.islands():
+            condition = self.head.time_cond_embed.condition_proj(z_selected)  # independent of the step: once
+            for j in range(self.steps):
+                x = diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timesteps[j:j + 1],
+                                   coefficients[j], clip_range, noise[j], guidance_scale)
+        return place_tokens(self.geometry, canvas, x, selected, valid)
+
+
+def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
+    g, name, S = ctx.geometry, "denoise_loop", ctx.profile.diffusion_steps
+    B, M, n, td, canvas = g.batch, g.model_batch, g.max_tokens_per_step, g.token_dim, (g.channels, *g.latent_size)
+    table = SamplerTable.from_config(ctx.configs.scheduler, S)
+    clip = table.clip_range if table.clip_range is not None else NO_CLIP
+
+    def denoise_loop_sample(values: dict[str, int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        adds_noise = torch.tensor([table.draws_noise(j) for j in range(S)]).view(S, 1, 1, 1)
+        return {"canvas": randn((B, *canvas), gen), "x": randn((B, n, td), gen),
+                "z_selected": randn((M, n, g.width), gen, ctx.dtype(name)),
+                "timesteps": torch.from_numpy(table.timesteps.copy()),
+                "coefficients": torch.from_numpy(table.coefficients.copy()),
+                "clip_range": torch.tensor([float(clip)]), "noise": randn((S, B, n, td), gen) * adds_noise,
+                "guidance_scale": torch.rand(1, generator=gen) * 6 + 1.5, **_token_window(g, gen)}
+
+    return GraphSpec(
+        name=name, precision=ctx.precisions[name],
+        doc=f"A mask step's {S} diffusion steps (denoise, unrolled; z_selected's condition projection once) and "
+            "place: one launch per mask step. Requests with another num_diffusion_steps run denoise and place.",
+        inputs=(tensor("canvas", "float32", B, *canvas),
+                tensor("x", "float32", B, n, td),  # the initial noise of the selected tokens
+                tensor("z_selected", ctx.dtype_name(name), M, n, g.width),
+                tensor("timesteps", "float32", S),  # SamplerTable.timesteps
+                tensor("coefficients", "float32", S, table.coefficients.shape[1]),  # SamplerTable.coefficients
+                tensor("clip_range", "float32", 1),  # SamplerTable.clip_range, or NO_CLIP
+                tensor("noise", "float32", S, B, n, td),  # each step's noise, zeros where the sampler adds none
+                tensor("guidance_scale", "float32", 1),
+                tensor("selected", "int64", B, n), tensor("valid", "bool", B, n)),
+        outputs=(tensor("canvas_out", "float32", B, *canvas),),
+        dims={}, component="transformer", weight_prefixes=("image_decoder.",),
+        sources=SOURCES + ("runtime/schedules.py",), sample=denoise_loop_sample,
+        build=lambda: DenoiseLoopGraph(ctx.module("transformer", name), g, ctx.dtype(name), S).eval())

@@ -1,9 +1,10 @@
 """Build profile (every static shape of a build) and the per-component precision policy.
 
 A `BuildProfile` is what a user chooses when building engines: prompts per call, images per
-prompt, classifier-free guidance on/off, the longest video (KV-cache capacity) and the fewest mask
-steps a request may use. `Geometry` combines it with a checkpoint's transformer config into the
-numbers every graph declaration needs (batch sizes, token counts, cache length, ...).
+prompt, classifier-free guidance on/off, the longest video (KV-cache capacity), the fewest mask
+steps a request may use and the diffusion step count the diffusion loop is unrolled for. `Geometry`
+combines it with a checkpoint's transformer config into the numbers every graph declaration needs
+(batch sizes, token counts, cache length, ...).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ class BuildProfile:
     min_mask_steps: int = 64  # fewest num_inference_steps a request may use (sets tokens per step)
     max_tokens_per_step: int | None = None  # overrides the value derived from min_mask_steps
     image_to_video: bool = True  # video checkpoints: also build the VAE encoder
+    diffusion_steps: int = 25  # num_diffusion_steps in one launch per mask step (denoise_loop); others: one per step
 
     def __post_init__(self):
-        for name in ("prompts", "images_per_prompt", "min_mask_steps"):
+        for name in ("prompts", "images_per_prompt", "min_mask_steps", "diffusion_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -8,7 +8,7 @@ declaration and its sample inputs sit together in the graph's file:
     text_encoder                           runtime/graphs/text_encoder.py
     temporal_prefill, temporal_step        runtime/graphs/temporal.py
     spatial                                runtime/graphs/spatial.py
-    denoise, place                         runtime/graphs/denoise.py
+    denoise, place, denoise_loop           runtime/graphs/denoise.py
     vae_decoder(_single), vae_encoder      runtime/graphs/vae.py
 
     specs = build_specs(CheckpointConfigs.read(folder), BuildProfile(), precision="fp16")
@@ -25,7 +25,7 @@ from typing import Callable
 from runtime.configs import CheckpointConfigs
 from runtime.graphs.common import ModuleCache
 from runtime.graphs.contract import GraphContext, GraphSpec
-from runtime.graphs.denoise import denoise_spec, place_spec
+from runtime.graphs.denoise import denoise_loop_spec, denoise_spec, place_spec
 from runtime.graphs.profile import BuildProfile, Geometry, component_precision
 from runtime.graphs.spatial import spatial_spec
 from runtime.graphs.temporal import temporal_prefill_spec, temporal_step_spec
@@ -40,12 +40,15 @@ GRAPHS: dict[str, Callable[[GraphContext], GraphSpec | None]] = {
     "spatial": spatial_spec,
     "denoise": denoise_spec,
     "place": place_spec,
+    "denoise_loop": denoise_loop_spec,
     "vae_decoder": vae_decoder_spec,
     "vae_decoder_single": vae_decoder_single_spec,
     "vae_encoder": vae_encoder_spec,
 }
-# graphs whose precision a build may override (the single-latent decoder follows vae_decoder)
-GRAPH_NAMES = tuple(name for name in GRAPHS if name != "vae_decoder_single")
+# graphs whose precision a build may override; these follow another graph's (the loop must compute what
+# its single steps compute, and the single-latent decoder what vae_decoder does)
+FOLLOWS = {"denoise_loop": "denoise", "vae_decoder_single": "vae_decoder"}
+GRAPH_NAMES = tuple(name for name in GRAPHS if name not in FOLLOWS)
 
 
 def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: str = "fp32",
@@ -58,7 +61,7 @@ def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: st
         raise ValueError(f"unknown graph name(s) in precision overrides: {', '.join(unknown)} "
                          f"(graphs: {', '.join(GRAPH_NAMES)})")
     precisions = {name: component_precision(name, precision, overrides, backend) for name in GRAPH_NAMES}
-    precisions["vae_decoder_single"] = precisions["vae_decoder"]
+    precisions.update({name: precisions[leader] for name, leader in FOLLOWS.items()})
     ctx = GraphContext(configs, modules or ModuleCache(configs.folder), profile,
                        Geometry.from_config(configs.transformer, profile), precisions)
     specs = {name: declare(ctx) for name, declare in GRAPHS.items()}

@@ -287,12 +287,15 @@ class TimeCondEmbed(nn.Module):
         self.timestep_proj = Projector(256, dim)
         self.condition_proj = Projector(cond_dim, dim)
 
-    def forward(self, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # The official forward(timestep, z) is condition_proj(z) + the timestep's embedding; its two halves are
+    # separate here because condition_proj(z) does not depend on the timestep (computed once per mask step).
+    def add_timestep(self, condition: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """condition_proj(z) [M, n, D] plus the embedding of timestep [M]."""
         # cos first, f_i = exp(-ln(1e4) i / 128): differs from the sin-first tables above.
-        freq = torch.exp(torch.arange(128, dtype=torch.float32, device=z.device) * (-math.log(10000) / 128))
+        freq = torch.exp(torch.arange(128, dtype=torch.float32, device=condition.device) * (-math.log(10000) / 128))
         angle = timestep.float().unsqueeze(-1) * freq
-        temb = self.timestep_proj(torch.cat([angle.cos(), angle.sin()], dim=-1).to(z.dtype))
-        return self.condition_proj(z) + temb.unsqueeze(1)
+        temb = self.timestep_proj(torch.cat([angle.cos(), angle.sin()], dim=-1).to(condition.dtype))
+        return condition + temb.unsqueeze(1)
 
 
 class DiffusionMLP(nn.Module):
@@ -308,7 +311,11 @@ class DiffusionMLP(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """noisy [M, n, p*p*C] patchified values, timestep [M], z [M, n, D] -> [M, n, p*p*C]."""
-        cond = self.time_cond_embed(timestep, z)
+        return self.predict(noisy, timestep, self.time_cond_embed.condition_proj(z))
+
+    def predict(self, noisy: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """forward, given z's condition projection (a diffusion loop computes it once: runtime/graphs/denoise.py)."""
+        cond = self.time_cond_embed.add_timestep(condition, timestep)
         x = self.patch_embed.embed_patches(noisy)
         for block in self.blocks:
             x = block(x, cond)
