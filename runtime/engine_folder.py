@@ -23,7 +23,7 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 CONFIGS_DIR = "configs"
-FORMAT = 3  # 3: BuildProfile.diffusion_steps and the denoise_loop graph
+FORMAT = 4  # 3: BuildProfile.diffusion_steps and the denoise_loop graph; 4: guidance per diffusion step
 REBUILD = "rebuild with export/build_engines.py"
 
 

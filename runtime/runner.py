@@ -49,6 +49,8 @@ from runtime.request import Request, validate_request
 from runtime.schedules import SamplerTable, mask_schedule
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
+# the official HEAD options (`Request.extra_options`) the compiled graphs serve; the others are refused by name
+COMPILED_OPTIONS = ("guidance_trunc", "latents")
 
 
 @dataclasses.dataclass
@@ -219,8 +221,8 @@ class NOVARunner:
     def _plan(self, prompt, options: dict) -> _Plan:
         """Validate the request and refuse what the graphs cannot serve, naming what they were built for."""
         request = validate_request(self.config, prompt, **options)
-        if request.extra_options:  # accepted by validate_request, not yet by the graphs
-            extras = request.extra_options
+        extras = [name for name in request.extra_options if name not in COMPILED_OPTIONS]
+        if extras:  # accepted by validate_request, not yet by the graphs
             raise ValueError(f"{', '.join(extras)} {'is' if len(extras) == 1 else 'are'} not implemented by the "
                              "compiled runner yet; use runtime.reference.ReferencePipeline")
         plan = _Plan(request, mask_schedule(self.geometry.num_tokens, request.num_inference_steps),
@@ -230,11 +232,13 @@ class NOVARunner:
         if request.batch > g.batch:
             raise ValueError(f"{request.num_prompts} prompt(s) x {request.num_images_per_prompt} image(s) = "
                              f"{request.batch} images per call; {built}")
-        if request.guided != g.cfg:
-            raise ValueError(f"guidance_scale {request.guidance_scale:g} {'needs' if request.guided else 'turns off'} "
-                             f"classifier-free guidance; {built} (rebuild with{'' if request.guided else ' --no-cfg'})")
+        if request.guided and not g.cfg:  # a CFG build serves unguided requests too: its graphs then take the cond rows
+            raise ValueError(f"guidance_scale {request.guidance_scale:g} needs classifier-free guidance; {built} "
+                             f"(rebuild without --no-cfg)")
         if request.max_latent_length > g.max_latent_length:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
+        if request.latents is not None and len(request.latents) > 1 and not self.configs.video_vae:
+            raise ValueError(f"{len(request.latents)} latent frames given; an image VAE decodes one")
         if request.image is not None and "vae_encoder" not in self.graphs:
             raise ValueError(f"image-to-video needs the VAE encoder graph, which was not built; {built}")
         if max(plan.schedule) > g.max_tokens_per_step:
@@ -263,8 +267,8 @@ class NOVARunner:
         # 1. text: Phi-2 features (+ motion flow) per CFG row
         with timer.stage("text"):
             prefill = self._text_inputs(request)
-        # 2. image-to-video: the first frame is the image's latent (the posterior sample is the first draw)
-        first_latent = self._encode_image(request.image, draws, timer) if request.image is not None else None
+        # 2. prefilled frames (image-to-video's image, or given latents): the last is frame 0, all are output
+        prefilled = self._prefilled(request, draws, timer)
         # 3. temporal prefill: frame 0's indicator (the anchor of every later frame) and the KV cache
         with timer.stage("temporal"):
             out = run("temporal_prefill", {k: upload(v) for k, v in
@@ -272,29 +276,40 @@ class NOVARunner:
         indicator = anchor = out["indicator"]
         cache = (out.get("k_cache"), out.get("v_cache"))
 
-        latents: list[np.ndarray] = []
-        mask_steps = None  # drawn with the first generated frame, as the reference draws the token order
-        generated = frames - (first_latent is not None)
-        with tqdm(total=generated * len(plan.schedule), unit="step", desc="mask steps", disable=not progress,
-                  leave=False) as bar:
+        latents = prefilled[:-1]  # the output: the prefilled frames, then the generated ones
+        total = len(latents) + frames
+        mask_steps, decoded = None, 0  # the token order is drawn with the first generated frame, as the reference
+        with tqdm(total=(frames - bool(prefilled)) * len(plan.schedule), unit="step", desc="mask steps",
+                  disable=not progress, leave=False) as bar:
             for t in range(frames):
                 # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
                     indicator, cache = self._temporal_step(t, frames, latents[-1], cache, anchor, timer)
-                # 5. the frame, set by set (or the given first frame)
-                if t == 0 and first_latent is not None:
-                    latents.append(first_latent)
+                # 5. the frame, set by set (or the last prefilled one)
+                if t == 0 and prefilled:
+                    latents.append(prefilled[-1])
                 else:
                     if mask_steps is None:
                         order = draws.token_order((request.batch, g.num_tokens, 1), self._draw_dtype)[..., 0]
                         mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), plan.schedule)
                     latents.append(self._frame(plan, feeds, mask_steps, indicator, draws, timer, bar))
                 # 6. decode what became decodable
-                yield from self._decode_ready(latents, frames, request.batch, timer)
+                yield from self._decode_ready(latents, total, decoded, request.batch, timer)
+                decoded = self._decoded_count(len(latents), total)
         return np.stack(latents, axis=2)[: request.batch]
 
+    def _prefilled(self, request: Request, draws, timer: _Timer) -> list[np.ndarray]:
+        """The frames before generation, each [B_built, C, h, w] (host): image-to-video's image latent, or the
+        given `latents` (the official pipeline's continuation)."""
+        if request.image is not None:
+            return [self._encode_image(request.image, draws, timer)]
+        if request.latents is not None:
+            return [_pad_rows(_numpy(frame).astype(np.float32), self.geometry.batch) for frame in request.latents]
+        return []
+
     def _encode_image(self, image: np.ndarray, draws, timer: _Timer) -> np.ndarray:
-        """The image's scaled latent, repeated over the built batch [B_built, C, h, w] (host)."""
+        """The image's scaled latent, repeated over the built batch [B_built, C, h, w] (host); the posterior
+        sample is the request's first draw."""
         g, backend = self.geometry, self.backend
         noise = _numpy(draws.normal((1, g.channels, *g.latent_size), "fp32")).astype(np.float32)
         with timer.stage("vae"):
@@ -336,16 +351,16 @@ class NOVARunner:
         replaced by the mask step's draws where the sampler adds noise (DDPM at t > 0)."""
         g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
         rows = (g.batch, g.max_tokens_per_step, g.token_dim)
-        constants = {"clip_range": upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP],
-                                                   np.float32)),
-                     "guidance_scale": upload(np.array([plan.request.guidance_scale], np.float32))}
+        clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
+        guidance = _step_guidance(plan.request, sampler)
         if plan.unrolled:
-            return [{**constants, "timesteps": upload(sampler.timesteps), "coefficients": upload(sampler.coefficients),
+            return [{"clip_range": clip, "guidance_scale": upload(guidance), "timesteps": upload(sampler.timesteps),
+                     "coefficients": upload(sampler.coefficients),
                      "noise": upload(np.zeros((len(sampler.timesteps), *rows), np.float32))}]
         no_noise = upload(np.zeros(rows, np.float32))
-        return [{**constants, "timestep": upload(sampler.timesteps[j:j + 1]),
-                 "coefficients": upload(sampler.coefficients[j]), "noise": no_noise}
-                for j in range(len(sampler.timesteps))]
+        return [{"clip_range": clip, "guidance_scale": upload(guidance[j:j + 1]),
+                 "timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
+                 "noise": no_noise} for j in range(len(sampler.timesteps))]
 
     def _step_noise(self, plan: _Plan, selected: np.ndarray, draws) -> tuple[object, list[dict]]:
         """A mask step's draws in the reference's order (the initial noise, then each noise-adding diffusion
@@ -394,11 +409,11 @@ class NOVARunner:
             return 0
         return window + ((available - window) // (window - 1)) * (window - 1)
 
-    def _decode_ready(self, latents: list, frames: int, batch: int, timer: _Timer) -> Iterator[np.ndarray]:
-        """Decode what the newest latent made decodable: an image VAE decodes each frame; the video VAE
+    def _decode_ready(self, latents: list, frames: int, done: int, batch: int, timer: _Timer) -> Iterator[np.ndarray]:
+        """Decode what became decodable since `done` latents were: an image VAE decodes each frame; the video VAE
         decodes all latents at once up to 5, else windows of 5 with stride 4 (the official tiling),
         dropping the first output frame of later windows and latents that fill no window."""
-        done, ready = self._decoded_count(len(latents) - 1, frames), self._decoded_count(len(latents), frames)
+        ready = self._decoded_count(len(latents), frames)
         if ready == done:
             return
         backend, run = self.backend, self.backend.run
@@ -446,6 +461,14 @@ class NOVARunner:
         if g.has_motion:
             out["motion_flow"] = np.full((g.model_batch,), request.motion_flow, np.float32)
         return out
+
+
+def _step_guidance(request: Request, sampler: SamplerTable) -> np.ndarray:
+    """The guidance scale of each diffusion step [S] float32: the request's, and 1 (off: the graphs take the
+    conditional output) where the request is unguided or guidance_trunc turned it off; the official code turns
+    it off from the first timestep below guidance_trunc to the end of the mask step (timesteps decrease)."""
+    on = request.guided & ~np.logical_or.accumulate(sampler.timesteps < np.float32(request.guidance_trunc))
+    return np.where(on, np.float32(request.guidance_scale), np.float32(1)).astype(np.float32)
 
 
 def _drain(generator: Generator, sink) -> object:

@@ -286,8 +286,47 @@ def test_runner_takes_flow_shift_and_refuses_the_rest_by_name(tiny_t2i, t2i_pipe
     ours = runner("a red kite", seed=0, flow_shift=3.0, **steps)
     theirs = t2i_pipe("a red kite", flow_shift=3.0, generator=_seeded(), disable_progress_bar=True, **steps)
     np.testing.assert_allclose(ours.latents, theirs.latents.numpy(), rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="^guidance_trunc is not implemented by the compiled runner yet; use "
+    with pytest.raises(ValueError, match="^guidance_renorm is not implemented by the compiled runner yet; use "
                                          "runtime.reference.ReferencePipeline$"):
-        runner("a red kite", seed=0, guidance_trunc=500, **steps)
-    with pytest.raises(ValueError, match="^guidance_renorm, latents are not implemented by the compiled runner"):
-        runner("a red kite", seed=0, guidance_renorm=0.5, latents=[torch.zeros(1, 4, 8, 8)], **steps)
+        runner("a red kite", seed=0, guidance_renorm=0.5, **steps)
+    with pytest.raises(ValueError, match="^image_guidance_scale is not implemented by the compiled runner"):
+        runner("a red kite", seed=0, image_guidance_scale=1.5, **steps)
+
+
+# the compiled runner: a CFG build serves unguided and truncated requests in its denoise graphs (per-step
+# guidance scales, <= 1 meaning the conditional output), ONNX Runtime engines as a deployment runs them
+@pytest.mark.parametrize("options", [dict(guidance_scale=1.0), dict(guidance_trunc=600), dict(guidance_trunc=1e9)],
+                         ids=["unguided", "trunc-middle", "trunc-all"])
+def test_compiled_runner_guidance_off_and_truncated_equal_the_reference(t2i_engines, t2i_pipe, options):
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_engines(t2i_engines)  # CFG on, the loop unrolled for 4 diffusion steps
+    steps = dict(num_inference_steps=8, num_diffusion_steps=4)
+    ours = runner("a red kite", seed=0, **steps, **options)
+    theirs = t2i_pipe("a red kite", generator=_seeded(), disable_progress_bar=True, **steps, **options)
+    np.testing.assert_allclose(ours.latents, theirs.latents.numpy(), rtol=0, atol=1e-4)
+    plain = runner("a red kite", seed=0, **steps)  # and the option did something
+    assert np.abs(plain.latents - ours.latents).max() > 1e-3
+    fallback = runner("a red kite", seed=0, num_inference_steps=8, num_diffusion_steps=3, **options)  # per step
+    reference = t2i_pipe("a red kite", generator=_seeded(), disable_progress_bar=True, num_inference_steps=8,
+                         num_diffusion_steps=3, **options)
+    np.testing.assert_allclose(fallback.latents, reference.latents.numpy(), rtol=0, atol=1e-4)
+
+
+def test_compiled_runner_continues_given_latents_like_the_reference(t2v_engines, t2v_pipe):
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_engines(t2v_engines)
+    options = dict(num_inference_steps=4, num_diffusion_steps=4, max_latent_length=3)
+    given = list(t2v_pipe("waves", generator=_seeded(), disable_progress_bar=True, output_type="latent",
+                          **options).latents.unbind(2))
+    ours = runner("waves", seed=1, latents=given, **options)
+    theirs = t2v_pipe("waves", latents=given, generator=_seeded(1), disable_progress_bar=True, output_type="np",
+                      **options)
+    assert ours.latents.shape == theirs.latents.shape == (1, 4, 5, 8, 12)  # 3 given, then 2 generated
+    assert all(np.array_equal(ours.latents[:, :, i], given[i].numpy()) for i in range(3))
+    error = np.abs(ours.latents - theirs.latents.numpy()).max(axis=(0, 1, 3, 4))
+    assert error[3] < 1e-3, error  # the first generated frame (later ones: the model's rounding amplification)
+    assert ours.frames.shape == theirs.frames.shape == (1, 17, 64, 96, 3)  # 5 latents through the video VAE
+    streamed = np.concatenate(list(runner.stream("waves", seed=1, latents=given, **options)), axis=1)
+    assert np.array_equal(streamed, ours.frames)

@@ -24,9 +24,9 @@ def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.
     on the step. -> x_next [B, n, 16] f32."""
     model_in = cfg_rows(x.to(compute_dtype), geometry.cfg)
     out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
-    if geometry.cfg:
+    if geometry.cfg:  # a scale <= 1 turns guidance off for the step: exactly the conditional output
         cond, uncond = out.chunk(2)
-        out = uncond + (cond - uncond) * guidance_scale
+        out = torch.where(guidance_scale > 1, uncond + (cond - uncond) * guidance_scale, cond)
     a, b, r, c, d, e = coefficients.split(1)
     pred = (a * x + b * out) / r
     pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
@@ -49,7 +49,8 @@ class DenoiseGraph(GraphModule):
     `SamplerTable.coefficients`: a, b, r, c, d, e), clip_range [1] f32 (huge: no clipping), noise
     [B, n, 16] f32, guidance_scale [1] f32 -> x_next [B, n, 16] f32:
 
-        out    = head(x) (CFG: u + g (c - u), in fp32)
+        out    = head(x) (CFG: u + g (c - u) in fp32 where g > 1, else c: guidance off, as guidance_scale <= 1
+                 and guidance_trunc turn it off officially)
         pred   = clip((a x + b out) / r, -clip_range, clip_range)
         x_next = c pred + d x + e noise
     """
@@ -145,7 +146,7 @@ class DenoiseLoopGraph(GraphModule):
 
     canvas [B, C, h, w] f32, x [B, n, 16] f32 (the initial noise rows), z_selected [M, n, D],
     timesteps [S] f32, coefficients [S, 6] f32 (`SamplerTable`), clip_range [1] f32, noise [S, B, n, 16]
-    f32 (step j's noise rows, zeros where the sampler adds none), guidance_scale [1] f32, selected
+    f32 (step j's noise rows, zeros where the sampler adds none), guidance_scale [S] f32 (step j's; <= 1: off), selected
     [B, n] int64, valid [B, n] bool -> canvas_out [B, C, h, w] f32: S `denoise` steps and `place`, the
     same functions on the same inputs, except that z_selected's condition projection is computed once.
     """
@@ -161,8 +162,14 @@ class DenoiseLoopGraph(GraphModule):
             condition = self.head.time_cond_embed.condition_proj(z_selected)  # independent of the step: once
             for j in range(self.steps):
                 x = diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timesteps[j:j + 1],
-                                   coefficients[j], clip_range, noise[j], guidance_scale)
+                                   coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1])
         return place_tokens(self.geometry, canvas, x, selected, valid)
+
+
+def _step_guidance(steps: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-step guidance scales as a truncated request has them: a scale > 1, then 1 (off) from a random step."""
+    off_from = int(randint(1, steps + 1, (1,), gen))
+    return torch.where(torch.arange(steps) < off_from, torch.rand(1, generator=gen) * 6 + 1.5, torch.ones(1))
 
 
 def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
@@ -178,7 +185,7 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
                 "timesteps": torch.from_numpy(table.timesteps.copy()),
                 "coefficients": torch.from_numpy(table.coefficients.copy()),
                 "clip_range": torch.tensor([float(clip)]), "noise": randn((S, B, n, td), gen) * adds_noise,
-                "guidance_scale": torch.rand(1, generator=gen) * 6 + 1.5, **_token_window(g, gen)}
+                "guidance_scale": _step_guidance(S, gen), **_token_window(g, gen)}
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
@@ -191,7 +198,7 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
                 tensor("coefficients", "float32", S, table.coefficients.shape[1]),  # SamplerTable.coefficients
                 tensor("clip_range", "float32", 1),  # SamplerTable.clip_range, or NO_CLIP
                 tensor("noise", "float32", S, B, n, td),  # each step's noise, zeros where the sampler adds none
-                tensor("guidance_scale", "float32", 1),
+                tensor("guidance_scale", "float32", S),  # per diffusion step: guidance_trunc turns it off
                 tensor("selected", "int64", B, n), tensor("valid", "bool", B, n)),
         outputs=(tensor("canvas_out", "float32", B, *canvas),),
         dims={}, component="transformer", weight_prefixes=("image_decoder.",),
