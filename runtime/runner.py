@@ -358,7 +358,8 @@ class NOVARunner:
                      "coefficients": upload(sampler.coefficients),
                      "noise": upload(np.zeros((len(sampler.timesteps), *rows), np.float32))}]
         no_noise = upload(np.zeros(rows, np.float32))
-        return [{"clip_range": clip, "guidance_scale": upload(guidance[j:j + 1]),
+        scales = {value: upload(np.array([value], np.float32)) for value in set(guidance.tolist())}  # one per value
+        return [{"clip_range": clip, "guidance_scale": scales[guidance[j].item()],
                  "timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
                  "noise": no_noise} for j in range(len(sampler.timesteps))]
 

@@ -131,7 +131,6 @@ def test_same_seed_same_output_and_replayed_draws(t2i_runner):
     (dict(prompt=["a", "b", "c", "d", "e"]), "5 prompt\\(s\\) x 1 image\\(s\\) = 5 images per call; these engines "
                                               "were built for 4 image\\(s\\) per call"),
     (dict(prompt="a", num_images_per_prompt=5), "5 images per call"),
-    (dict(prompt="a", guidance_scale=1), "turns off classifier-free guidance.*--no-cfg"),
     (dict(prompt="a", num_inference_steps=2), "num_inference_steps 2 predicts up to 11 tokens in one step.*up to 3 "
                                               "tokens per mask step"),
     (dict(prompt="a", max_latent_length=2), "image checkpoint: max_latent_length must be 1"),
@@ -145,6 +144,17 @@ def test_same_seed_same_output_and_replayed_draws(t2i_runner):
 def test_requests_beyond_the_build_are_refused(t2i_runner, kwargs, message):
     with pytest.raises(ValueError, match=message):
         t2i_runner(**{**STEPS, **kwargs})
+
+
+def test_a_no_cfg_build_refuses_guidance_and_serves_unguided_requests(tiny_t2i, t2i_pipe):
+    runner = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(cfg=False, min_mask_steps=8))
+    with pytest.raises(ValueError, match="guidance_scale 5 needs classifier-free guidance; these engines were built "
+                                         "for .*CFG off.*rebuild without --no-cfg"):
+        runner("a", **STEPS)
+    ours = runner("a fox", seed=3, guidance_scale=1, **STEPS)
+    theirs = t2i_pipe("a fox", generator=torch.Generator().manual_seed(3), guidance_scale=1, disable_progress_bar=True,
+                      **STEPS)
+    assert_parity(ours, theirs)
 
 
 def test_image_checkpoints_ignore_motion_flow_as_the_official_pipeline_does(t2i_runner, t2i_pipe):

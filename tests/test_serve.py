@@ -187,7 +187,7 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
     ("/v1/images", {"prompt": "a", "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
     ("/v1/images", {"prompt": "a", "num_inference_steps": 4}, 400,
      "num_inference_steps 4 predicts up to 6 tokens in one step; these engines were built for 4 image(s) per call"),
-    ("/v1/images", {"prompt": "a", "guidance_scale": 1.0, **STEPS}, 400, "turns off classifier-free guidance"),
+    ("/v1/images", {"prompt": "a", **STEPS, "num_diffusion_steps": 0}, 400, "num_diffusion_steps must be an integer >= 1"),
     ("/v1/images", {"prompt": ["a"] * 5, **STEPS}, 400, "5 prompt(s) x 1 image(s) = 5 images per call"),
     ("/v1/images", {"prompt": "a", "num_images_per_prompt": 5, **STEPS}, 400, "= 5 images per call"),
     ("/v1/images", {"prompt": "a", "model": "t2v9"}, 404, "model 't2v9' generates videos, not images"),
