@@ -63,8 +63,9 @@ def server(t2i_b4, t2v9, one_thread):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # 0.1 s of batch wait: on 2 shared cores concurrent requests arrive spread out; batches still fill
-        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.1, env={"NOVA_ORT_THREADS": "1"}), name="nova",
+        # 0.2 s of batch wait: on 2 shared cores (and beside another test worker) concurrent requests arrive
+        # spread out; batches still fill
+        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.2, env={"NOVA_ORT_THREADS": "1"}), name="nova",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
