@@ -274,7 +274,7 @@ class Builder:
         wanted = [{"file": f"{mf.CONFIGS_DIR}/{f}", "bytes": (source / f).stat().st_size,
                    "sha256": mf.sha256_file(source / f)} for f in files]
         old = self.manifest.get("configs")
-        problem = mf.check_artifacts(old, o.out) if old else "not built yet"
+        problem = mf.check_artifacts(old, o.out) if old else (self.unusable_manifest or "not built yet")
         why = problem or ("the checkpoint's configs or tokenizer changed" if old != wanted else "")
         if why:
             staging, target = o.out / f".staging-{mf.CONFIGS_DIR}", o.out / mf.CONFIGS_DIR

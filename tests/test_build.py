@@ -200,6 +200,7 @@ def test_corrupt_or_edited_manifest_gives_a_clear_error_and_a_rebuild(tiny_t2i, 
     rows, messages = _build(tiny_t2i, out, only=("place",))  # a folder of another version: rebuilt, saying so
     assert any(f"another version of this runtime (format {mf.FORMAT - 1}" in m for m in messages)
     assert rows["place"].status == "rebuilt" and rows["place"].why == "manifest of another version"
+    assert rows["configs"].why == "manifest of another version"
     (out / mf.MANIFEST_NAME).write_text("{ not json")
     with pytest.raises(mf.ManifestError, match="is not valid JSON"):
         _verified(out)
