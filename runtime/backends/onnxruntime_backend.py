@@ -11,7 +11,7 @@ CUDA EP (device "cuda[:N]"), with cuda-python installed (it is on the GPU machin
   for it (`disable_synchronize_execution_providers`); uploads, staging copies and downloads are queued
   on that stream too, so everything is in order without the host waiting between launches;
 - a graph whose inputs and outputs have static shapes (in the default builds: temporal prefill and step,
-  denoise, place, the image VAE) is created with `enable_cuda_graph` and run the `cuda_graphs` way:
+  denoise_loop, denoise, place, the image VAE) is created with `enable_cuda_graph` and run the `cuda_graphs` way:
   inputs staged in fixed OrtValues (copied on the stream only when their content changed), outputs in
   `OutputBuffers`, and each distinct address set gets its own `gpu_graph_id` and IO binding, bound once.
   ONNX Runtime captures an id after its first runs and replays it from then on (it requires exactly

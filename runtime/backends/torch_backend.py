@@ -3,10 +3,11 @@
 On a CPU, outputs are the modules' own tensors: they stay valid for as long as they are held (more
 than the interface promises), and nothing is staged or captured.
 
-On CUDA, a graph whose inputs have static shapes (temporal prefill and step, denoise, place, the image
-VAE) replays `torch.cuda.CUDAGraph`s of its eager module (`cuda_graphs`: fixed input buffers, outputs
-in `OutputBuffers`, one capture per address set), so the module's numerics are kept: the 25 denoise
-calls of a mask step are 25 graph replays plus the copies of the inputs that changed. Graphs with a
+On CUDA, a graph whose inputs have static shapes (temporal prefill and step, denoise_loop, denoise,
+place, the image VAE) replays `torch.cuda.CUDAGraph`s of its eager module (`cuda_graphs`: fixed input
+buffers, outputs in `OutputBuffers`, one capture per address set), so the module's numerics are kept: a
+mask step's whole diffusion loop is one replay of denoise_loop (at another step count, one denoise
+replay per diffusion step and one of place) plus the copies of the inputs that changed. Graphs with a
 dynamic dim (text encoder, spatial, video VAE) run eagerly; their outputs are fresh tensors, stamped
 so that a static graph stages each once. All captures share one memory pool: every captured graph
 runs on the one stream, never two at once, and what outlives a replay (output and staging buffers)
