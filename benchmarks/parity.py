@@ -368,7 +368,7 @@ def run_parity(args) -> dict[str, Any]:
     if not args.no_self_drift:
         log("reference fp32 against itself (prompt twice, draws duplicated)")
         doubled = reference.pipe([args.prompt] * 2, draws=ReplayDraws([torch.cat([t, t]) for t in fp32_draws.tensors]),
-                                 disable_progress_bar=True, **options)
+                                 disable_progress_bar=True, output_type="np", **options)
         second_latents = doubled.latents[1:]
         self_drift = end_to_end(second_latents, _pixels(doubled)[1:], baselines["fp32"])
 

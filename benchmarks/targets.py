@@ -182,7 +182,7 @@ class Target:
                 draws_kwargs = {"generator": torch.Generator(self.device).manual_seed(seed)}
             else:
                 draws_kwargs = {"draws": draws}
-            output = self.pipe(prompt, disable_progress_bar=True, **draws_kwargs, **options)
+            output = self.pipe(prompt, disable_progress_bar=True, output_type="np", **draws_kwargs, **options)
             seconds = time.perf_counter() - start
             stages = dict(self.clock.seconds) if instrument else {}
             calls = {k: {"calls": self.clock.calls[k], "seconds": v} for k, v in self.clock.seconds.items()}

@@ -170,7 +170,7 @@ def _reference(args: argparse.Namespace) -> str:
     loaded = time.perf_counter()
     print(f"loaded {folder} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
     output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed),
-                  disable_progress_bar=not sys.stderr.isatty(), **options)
+                  disable_progress_bar=not sys.stderr.isatty(), output_type="np", **options)
     pixels = output.images if output.images is not None else output.frames
     written = save_output(pixels, args.out, args.fps)
     return (f"loaded in {loaded - start:.1f} s, generated in {time.perf_counter() - loaded:.1f} s; wrote "

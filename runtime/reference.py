@@ -112,7 +112,7 @@ class ReferencePipeline:
                  image: np.ndarray | PIL.Image.Image | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, draws: RandomDraws | None = None,
                  latents: list[torch.Tensor] | None = None, prompt_embeds: list[torch.Tensor] | None = None,
-                 negative_prompt_embeds: list[torch.Tensor] | None = None, output_type: str = "np",
+                 negative_prompt_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  disable_progress_bar: bool = False) -> PipelineOutput:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")

@@ -14,14 +14,15 @@ def _seeded(seed):
 
 
 def test_text_to_image_defaults_shape_and_determinism(t2i_pipe):
-    a = t2i_pipe("a red bicycle", generator=_seeded(0), disable_progress_bar=True)  # official 64 x 25 steps
-    b = t2i_pipe("a red bicycle", generator=_seeded(0), disable_progress_bar=True)
-    c = t2i_pipe("a red bicycle", generator=_seeded(1), disable_progress_bar=True)
-    assert a.images.shape == (1, 64, 64, 3) and a.images.dtype == np.uint8 and a.frames is None
+    a = t2i_pipe("a red bicycle", generator=_seeded(0), disable_progress_bar=True)  # official 64 x 25 steps, "pil"
+    b = t2i_pipe("a red bicycle", generator=_seeded(0), disable_progress_bar=True, output_type="np")
+    c = t2i_pipe("a red bicycle", generator=_seeded(1), disable_progress_bar=True, output_type="np")
+    assert len(a.images) == 1 and a.images[0].size == (64, 64) and a.images[0].mode == "RGB" and a.frames is None
+    assert b.images.shape == (1, 64, 64, 3) and b.images.dtype == np.uint8
     assert a.latents.shape == (1, 4, 1, 8, 8)
-    assert np.array_equal(a.images, b.images) and torch.equal(a.latents, b.latents)
-    assert not np.array_equal(a.images, c.images)
-    assert a.images.std() > 0
+    assert np.array_equal(np.asarray(a.images[0]), b.images[0]) and torch.equal(a.latents, b.latents)
+    assert not np.array_equal(b.images, c.images)
+    assert b.images.std() > 0
 
 
 def test_prompt_and_negative_prompt_matter(t2i_pipe):
@@ -62,7 +63,7 @@ def test_prompt_embeds_equal_prompt_path(t2i_pipe):
 
 
 def test_without_guidance(t2i_pipe):
-    out = t2i_pipe("a tree", guidance_scale=1, generator=_seeded(0), **FAST)
+    out = t2i_pipe("a tree", guidance_scale=1, generator=_seeded(0), output_type="np", **FAST)
     assert out.images.shape == (1, 64, 64, 3)
 
 

@@ -22,6 +22,8 @@ def assert_parity(runner_out, reference_out, latent_atol=1e-4):
     np.testing.assert_allclose(runner_out.latents, reference_out.latents.numpy(), rtol=0, atol=latent_atol)
     ours = runner_out.images if runner_out.images is not None else runner_out.frames
     theirs = reference_out.images if reference_out.images is not None else reference_out.frames
+    if isinstance(theirs, list):  # output_type "pil", the official default: a list of PIL images
+        theirs = np.stack([np.asarray(image) for image in theirs])
     diff = np.abs(ours.astype(int) - theirs.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
 
