@@ -48,6 +48,8 @@ class _Options(BaseModel):
     num_inference_steps: int = 64
     num_diffusion_steps: int = 25
     guidance_scale: float = 5.0
+    guidance_trunc: float = 0.0  # the official options the compiled runner serves
+    flow_shift: float | None = None
     num_images_per_prompt: int = 1
 
 
@@ -62,7 +64,7 @@ class VideoRequest(_Options):
 
 
 RUNNER_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
-                  "num_images_per_prompt", "max_latent_length", "motion_flow")
+                  "guidance_trunc", "flow_shift", "num_images_per_prompt", "max_latent_length", "motion_flow")
 
 
 class Refused(ValueError):

@@ -121,6 +121,15 @@ def test_image_matches_direct_call(server, image_runner):
     np.testing.assert_array_equal(png(response.content), image_runner("a lighthouse at dusk", seed=42, **STEPS).images[0])
 
 
+def test_official_options_of_the_runner_are_served(server, image_runner):
+    body = {"prompt": "a lighthouse at dusk", "seed": 7, "guidance_trunc": 600.0, "flow_shift": 3.0, **STEPS}
+    response = post(f"{server}/v1/images", body)
+    assert response.status_code == 200, response.text
+    direct = image_runner("a lighthouse at dusk", seed=7, guidance_trunc=600.0, flow_shift=3.0, **STEPS).images[0]
+    np.testing.assert_array_equal(png(response.content), direct)
+    assert not np.array_equal(direct, image_runner("a lighthouse at dusk", seed=7, **STEPS).images[0])
+
+
 def test_several_images_as_json(server, image_runner):
     """Two images of one prompt: not batched with others, one call of its own, JSON with base64 PNGs."""
     body = {"prompt": "a red kite", "seed": 5, "num_images_per_prompt": 2, "negative_prompt": "blur", **STEPS}
