@@ -60,7 +60,7 @@ checkpoint() {  # a full-size variant, synthesized once (random weights, the off
   [ -f "$DATA/$1.checkpoint.ready" ] && return
   echo "synthesizing $1 -> $DATA/$1" >&2
   rm -rf "${DATA:?}/$1"  # a folder without the marker is an interrupted synthesis
-  time "$PY" -m runtime.checkpoint synth --variant "$1" --out "$DATA/$1" >&2
+  time "$PY" -m runtime synth --variant "$1" --out "$DATA/$1" >&2
   touch "$DATA/$1.checkpoint.ready"
 }
 

@@ -204,13 +204,25 @@ def parser() -> argparse.ArgumentParser:
                         help="a synthetic random-weight variant (written to checkpoints/synthetic/VARIANT on first "
                              f"use); one of {', '.join(VARIANT_NAMES)}")
     _add_generation_options(ref)
+    synth = commands.add_parser("synth", help="write a synthetic random-weight checkpoint in the official layout",
+                                description="Write a random-weight NOVA checkpoint of a released variant's sizes, "
+                                            "file for file like the official folders.", formatter_class=HelpFormatter)
+    synth.add_argument("--variant", required=True, choices=VARIANT_NAMES, help="the model to imitate")
+    synth.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist or be empty)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return p
+
+
+def _synth(args: argparse.Namespace) -> str:
+    from runtime.checkpoint import synthesize
+
+    return f"wrote synthetic {args.variant} checkpoint (seed {args.seed}) to {synthesize(args.variant, args.out, args.seed)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # before the heavy imports: --help and argument errors answer at once
     try:
-        message = _generate(args) if args.command == "generate" else _reference(args)
+        message = {"generate": _generate, "reference": _reference, "synth": _synth}[args.command](args)
     except KeyboardInterrupt:  # nothing half-written stays behind: the writers rename finished files into place
         print("interrupted", file=sys.stderr)
         return 130

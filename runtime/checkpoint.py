@@ -12,7 +12,7 @@ A folder looks like the published ones (diffusers layout):
 Every weight file is checked key by key against the module built from the folder's config: a
 missing, unexpected or mis-shaped tensor is one `CheckpointError` naming them all.
 
-    python -m runtime.checkpoint synth --variant tiny-t2i --out DIR [--seed N]
+    python -m runtime synth --variant tiny-t2i --out DIR [--seed N]
 
 The command lines take a synthetic variant by name (`resolve_checkpoint`): written to
 `checkpoints/synthetic/VARIANT` on first use, reused after.
@@ -20,7 +20,6 @@ The command lines take a synthetic variant by name (`resolve_checkpoint`): writt
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -383,24 +382,3 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, variant: str | None
         print(f"writing synthetic {variant} checkpoint to {folder} (first use)", file=sys.stderr, flush=True)
         synthesize(specs.get(variant, variant), folder)
     return folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="write a synthetic random-weight checkpoint in the official layout")
-    synth.add_argument("--variant", required=True, choices=VARIANT_NAMES, help="model to imitate")
-    synth.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
-    synth.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    args = parser.parse_args(argv)
-    try:
-        path = synthesize(args.variant, args.out, args.seed)
-    except (ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote synthetic {args.variant} checkpoint (seed {args.seed}) to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.cli import HelpFormatter, add_version
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
+    add_version(p)
     p.add_argument("--engines", action="append", required=True, metavar="DIR",
                    help="an engine folder (export/build_engines.py); repeat for several models")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--backend", default="auto", help="NOVARunner.from_engines backend")
     p.add_argument("--device", default=None, help="NOVARunner.from_engines device (default: the backend's)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per engine folder")

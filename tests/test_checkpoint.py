@@ -131,11 +131,13 @@ def test_interrupted_synthesis_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    assert checkpoint.main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 0
-    assert checkpoint.main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 2
+    from runtime.__main__ import main
+
+    assert main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 0
+    assert main(["synth", "--variant", "tiny-t2i", "--out", str(tmp_path / "a")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        checkpoint.main(["synth", "--variant", "huge", "--out", str(tmp_path / "b")])
+        main(["synth", "--variant", "huge", "--out", str(tmp_path / "b")])
 
 
 # The official module layout, from NOVA_SPEC.md §2 ("Shims must import from the official submodules",

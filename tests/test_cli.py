@@ -38,7 +38,8 @@ def _error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("command", [["-m", "runtime"], ["-m", "runtime", "generate"], ["-m", "runtime", "reference"],
-                                     ["export/build_engines.py"]], ids=" ".join)
+                                     ["-m", "runtime", "synth"], ["export/build_engines.py"], ["-m", "serve"]],
+                         ids=" ".join)
 def test_help_answers_at_once_and_shows_each_default_once(command):
     start = time.perf_counter()
     result = _run(*command, "--help")
