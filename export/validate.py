@@ -241,8 +241,8 @@ def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step
     args = (inputs["text_hidden"], inputs["text_lengths"], inputs.get("motion_flow"), latents, frames)
     raw_bos = inputs.get("raw_bos")
     expected = reference_temporal(model, g, args[0].to(dtype), *args[1:], dtype, raw_bos)
-    wide = reference_temporal(fp32_model, g, *args, torch.float32, raw_bos) if fp32_model is not None and dtype != torch.float32 \
-        else None
+    wide = reference_temporal(fp32_model, g, *args, torch.float32, raw_bos) \
+        if fp32_model is not None and dtype != torch.float32 else None
     numpy_inputs = {k: to_numpy(v) for k, v in inputs.items()}
     numpy_inputs["frame_position"] = frame_position(0, frames, g.base_t)
     indicator, k_cache, v_cache = run_prefill(numpy_inputs)

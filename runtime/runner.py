@@ -189,8 +189,9 @@ class NOVARunner:
         the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
         guidance_trunc, flow_shift, max_latent_length, motion_flow, image, latents, num_images_per_prompt,
         prompt_embeds, negative_prompt_embeds, and image_guidance_scale or spatiotemporal_guidance_scale on a build
-        with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it). seed or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage
-        in the output; progress: a progress bar over the mask steps (on stderr)."""
+        with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it). seed
+        or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage in the
+        output; progress: a progress bar over the mask steps (on stderr)."""
         plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
         timer, chunks = _Timer(self.backend, return_timings), []
         with self._lock:
@@ -332,7 +333,8 @@ class NOVARunner:
         """Frame t >= 1 of the temporal encoder (rows: the uploaded `_guidance_rows`). -> (indicator, (k_cache,
         v_cache))."""
         g, upload = self.geometry, self.backend.upload
-        inputs = {**rows, "prev_latent": upload(previous), "frame_position": upload(frame_position(t, frames, g.base_t)),
+        inputs = {**rows, "prev_latent": upload(previous),
+                  "frame_position": upload(frame_position(t, frames, g.base_t)),
                   "k_cache": cache[0], "v_cache": cache[1],
                   "cache_length": upload(np.array([g.condition_len + t * g.num_video_tokens], np.int64))}
         if g.has_mixer:

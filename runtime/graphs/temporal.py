@@ -62,7 +62,7 @@ def guidance_tokens(model: NOVATransformer3DModel, tokens: torch.Tensor, raw_bos
     return torch.where(raw_bos.view(-1, 1, 1), model.mask_embed.bos_token.to(tokens.dtype), tokens)
 
 
-def raw_bos_sample(g: Geometry) -> torch.Tensor:
+def _raw_bos_sample(g: Geometry) -> torch.Tensor:
     """`raw_bos` as an image-guidance request feeds it: block 1's rows."""
     return (torch.arange(g.model_batch) // g.batch) == 1
 
@@ -116,7 +116,7 @@ def temporal_prefill_spec(ctx: GraphContext) -> GraphSpec:
         if g.has_motion:
             out["motion_flow"] = torch.rand(M, generator=gen) * 9 + 1
         if g.blocks == 3:
-            out["raw_bos"] = raw_bos_sample(g)
+            out["raw_bos"] = _raw_bos_sample(g)
         return out
 
     return GraphSpec(
@@ -186,7 +186,7 @@ def temporal_step_spec(ctx: GraphContext) -> GraphSpec | None:
         if g.has_mixer:
             out["anchor"] = randn((M, Nv, g.width), gen, ctx.dtype(name))
         if g.blocks == 3:
-            out["raw_bos"] = raw_bos_sample(g)
+            out["raw_bos"] = _raw_bos_sample(g)
         return out
 
     return GraphSpec(
