@@ -199,9 +199,10 @@ def validate_graph(spec: GraphSpec, module: torch.nn.Module, onnx_path: str | os
 # Temporal encoder across frames
 # -------------------------------------------------------------------------------------------------
 def reference_temporal(model, geometry, text_hidden, text_lengths, motion_flow, prev_latents, num_frames: int,
-                       dtype: torch.dtype) -> list[torch.Tensor]:
+                       dtype: torch.dtype, raw_bos: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The reference pipeline's temporal path (null-fill, condition, VideoPosEmbed, the growing
-    `KVCache`, the mixer) for frames 0..len(prev_latents). -> indicator per frame."""
+    `KVCache`, the mixer) for frames 0..len(prev_latents); `raw_bos` rows take the raw BOS token as
+    `Guidance.stack` gives image guidance's block. -> indicator per frame."""
     from runtime.model.kv_cache import KVCache
 
     g = geometry
@@ -212,7 +213,9 @@ def reference_temporal(model, geometry, text_hidden, text_lengths, motion_flow, 
         time_embed = model.video_pos_embed(num_frames)
         cache = KVCache(g.video_depth, g.model_batch, g.num_heads, condition.shape[1] + num_frames * g.num_video_tokens,
                         g.head_dim, dtype)
-        dup = (lambda x: torch.cat([x, x])) if g.cfg else (lambda x: x)
+        def dup(x: torch.Tensor) -> torch.Tensor:
+            rows = torch.cat([x] * g.blocks)
+            return rows if raw_bos is None else torch.where(raw_bos.view(-1, 1, 1), model.mask_embed.bos_token, rows)
         tokens = model.frame_tokens(None, time_embed[0], g.batch)
         anchor = model.temporal(dup(tokens), condition, cache)
         indicators = [anchor]
@@ -236,9 +239,10 @@ def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step
     inputs = prefill.sample({}, gen)
     latents = [torch.randn(g.batch, g.channels, *g.latent_size, generator=gen) for _ in range(frames - 1)]
     args = (inputs["text_hidden"], inputs["text_lengths"], inputs.get("motion_flow"), latents, frames)
-    expected = reference_temporal(model, g, args[0].to(dtype), *args[1:], dtype)
-    wide = reference_temporal(fp32_model, g, *args, torch.float32) if fp32_model is not None and dtype != torch.float32 \
-        else None
+    raw_bos = inputs.get("raw_bos")
+    expected = reference_temporal(model, g, args[0].to(dtype), *args[1:], dtype, raw_bos)
+    wide = reference_temporal(fp32_model, g, *args, torch.float32, raw_bos) \
+        if fp32_model is not None and dtype != torch.float32 else None
     numpy_inputs = {k: to_numpy(v) for k, v in inputs.items()}
     numpy_inputs["frame_position"] = frame_position(0, frames, g.base_t)
     indicator, k_cache, v_cache = run_prefill(numpy_inputs)
@@ -249,6 +253,8 @@ def temporal_sequence(prefill: GraphSpec, step: GraphSpec, run_prefill, run_step
                 "cache_length": np.array([g.condition_len + t * g.num_video_tokens], dtype=np.int64)}
         if any(i.name == "anchor" for i in step.inputs):
             feed["anchor"] = anchor
+        if raw_bos is not None:
+            feed["raw_bos"] = numpy_inputs["raw_bos"]
         indicator, k_cache, v_cache = run_step(feed)
         got.append(indicator)
     tol, errors = TOLERANCES[step.precision], []

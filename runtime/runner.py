@@ -51,6 +51,8 @@ from runtime.schedules import SamplerTable, mask_schedule
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
 # the official HEAD options (`Request.extra_options`) the compiled graphs serve; the others are refused by name
 COMPILED_OPTIONS = ("guidance_trunc", "latents")
+# served by builds with the third guidance pass (`BuildProfile.third_pass`); other builds refuse them naming the flag
+THIRD_PASS_OPTIONS = ("image_guidance_scale", "spatiotemporal_guidance_scale")
 
 
 @dataclasses.dataclass
@@ -186,9 +188,10 @@ class NOVARunner:
         """Generate. options: those of the official pipeline with its defaults (`runtime.request.validate_request`,
         the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
         guidance_trunc, flow_shift, max_latent_length, motion_flow, image, latents, num_images_per_prompt,
-        prompt_embeds, negative_prompt_embeds (guidance_renorm and the third guidance passes are refused by
-        name: the graphs do not implement them yet). seed or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage
-        in the output; progress: a progress bar over the mask steps (on stderr)."""
+        prompt_embeds, negative_prompt_embeds, and image_guidance_scale or spatiotemporal_guidance_scale on a build
+        with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it). seed
+        or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage in the
+        output; progress: a progress bar over the mask steps (on stderr)."""
         plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
         timer, chunks = _Timer(self.backend, return_timings), []
         with self._lock:
@@ -216,13 +219,14 @@ class NOVARunner:
         loop = f", {self.profile.diffusion_steps} diffusion steps per launch" if "denoise_loop" in self.graphs else ""
         return (f"{g.batch} image(s) per call ({self.profile.prompts} prompt(s) x {self.profile.images_per_prompt}), "
                 f"CFG {'on' if g.cfg else 'off'}, up to {g.max_latent_length} latent frame(s), "
-                f"up to {g.max_tokens_per_step} tokens per mask step{loop}")
+                f"up to {g.max_tokens_per_step} tokens per mask step{loop}"
+                f"{', a third guidance pass (image/spatiotemporal guidance)' if g.blocks == 3 else ''}")
 
     # -- request checks -----------------------------------------------------------------------------
     def _plan(self, prompt, options: dict) -> _Plan:
         """Validate the request and refuse what the graphs cannot serve, naming what they were built for."""
         request = validate_request(self.config, prompt, **options)
-        extras = [name for name in request.extra_options if name not in COMPILED_OPTIONS]
+        extras = [name for name in request.extra_options if name not in COMPILED_OPTIONS + THIRD_PASS_OPTIONS]
         if extras:  # accepted by validate_request, not yet by the graphs
             raise ValueError(f"{', '.join(extras)} {'is' if len(extras) == 1 else 'are'} not implemented by the "
                              "compiled runner yet; use runtime.reference.ReferencePipeline")
@@ -236,6 +240,10 @@ class NOVARunner:
         if request.guided and not g.cfg:  # a CFG build serves unguided requests too: its graphs then take the cond rows
             raise ValueError(f"guidance_scale {request.guidance_scale:g} needs classifier-free guidance; {built} "
                              f"(rebuild without --no-cfg)")
+        third = [name for name in request.extra_options if name in THIRD_PASS_OPTIONS]
+        if third and g.blocks < 3:
+            raise ValueError(f"{third[0]} needs a third guidance pass; {built} (rebuild with --third-guidance-pass, "
+                             f"video checkpoints)")
         if request.max_latent_length > g.max_latent_length:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
         if request.latents is not None and len(request.latents) > 1 and not self.configs.video_vae:
@@ -268,12 +276,14 @@ class NOVARunner:
         # 1. text: Phi-2 features (+ motion flow) per CFG row
         with timer.stage("text"):
             prefill = self._text_inputs(request)
+        rows = {k: upload(v) for k, v in _guidance_rows(request, g).items()}  # raw_bos of three-block builds
         # 2. prefilled frames (image-to-video's image, or given latents): the last is frame 0, all are output
         prefilled = self._prefilled(request, draws, timer)
         # 3. temporal prefill: frame 0's indicator (the anchor of every later frame) and the KV cache
         with timer.stage("temporal"):
             out = run("temporal_prefill", {k: upload(v) for k, v in
-                                           {**prefill, "frame_position": frame_position(0, frames, g.base_t)}.items()})
+                                           {**prefill, "frame_position": frame_position(0, frames, g.base_t)}.items()}
+                   | rows)
         indicator = anchor = out["indicator"]
         cache = (out.get("k_cache"), out.get("v_cache"))
 
@@ -285,7 +295,7 @@ class NOVARunner:
             for t in range(frames):
                 # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
-                    indicator, cache = self._temporal_step(t, frames, latents[-1], cache, anchor, timer)
+                    indicator, cache = self._temporal_step(t, frames, latents[-1], cache, anchor, rows, timer)
                 # 5. the frame, set by set (or the last prefilled one)
                 if t == 0 and prefilled:
                     latents.append(prefilled[-1])
@@ -318,10 +328,13 @@ class NOVARunner:
                                                   "noise": backend.upload(noise)})["latent"]
         return np.repeat(backend.download(encoded), g.batch, axis=0)
 
-    def _temporal_step(self, t: int, frames: int, previous: np.ndarray, cache: tuple, anchor, timer: _Timer):
-        """Frame t >= 1 of the temporal encoder. -> (indicator, (k_cache, v_cache))."""
+    def _temporal_step(self, t: int, frames: int, previous: np.ndarray, cache: tuple, anchor, rows: dict,
+                       timer: _Timer):
+        """Frame t >= 1 of the temporal encoder (rows: the uploaded `_guidance_rows`). -> (indicator, (k_cache,
+        v_cache))."""
         g, upload = self.geometry, self.backend.upload
-        inputs = {"prev_latent": upload(previous), "frame_position": upload(frame_position(t, frames, g.base_t)),
+        inputs = {**rows, "prev_latent": upload(previous),
+                  "frame_position": upload(frame_position(t, frames, g.base_t)),
                   "k_cache": cache[0], "v_cache": cache[1],
                   "cache_length": upload(np.array([g.condition_len + t * g.num_video_tokens], np.int64))}
         if g.has_mixer:
@@ -354,13 +367,15 @@ class NOVARunner:
         rows = (g.batch, g.max_tokens_per_step, g.token_dim)
         clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
         guidance = _step_guidance(plan.request, sampler)
+        third = {k: upload(v) for k, v in _third_pass_feeds(plan.request, g).items()}
         if plan.unrolled:
-            return [{"clip_range": clip, "guidance_scale": upload(guidance), "timesteps": upload(sampler.timesteps),
+            return [{**third, "clip_range": clip, "guidance_scale": upload(guidance),
+                     "timesteps": upload(sampler.timesteps),
                      "coefficients": upload(sampler.coefficients),
                      "noise": upload(np.zeros((len(sampler.timesteps), *rows), np.float32))}]
         no_noise = upload(np.zeros(rows, np.float32))
         scales = {value: upload(np.array([value], np.float32)) for value in set(guidance.tolist())}  # one per value
-        return [{"clip_range": clip, "guidance_scale": scales[guidance[j].item()],
+        return [{**third, "clip_range": clip, "guidance_scale": scales[guidance[j].item()],
                  "timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
                  "noise": no_noise} for j in range(len(sampler.timesteps))]
 
@@ -440,7 +455,9 @@ class NOVARunner:
     # -- text ---------------------------------------------------------------------------------------------
     def _text_inputs(self, request: Request) -> dict[str, np.ndarray]:
         """text_hidden [M, 256, Dt], text_lengths [M] (+ motion_flow [M]): conditional rows (prompt-major,
-        repeated per image, padded to the built batch), then the unconditional rows."""
+        repeated per image, padded to the built batch), then the unconditional rows, then (three-block builds)
+        the third block's: the unconditional rows for image guidance, else the conditional ones
+        (`Guidance.text_rows`; plain CFG combines them with a third scale of 0)."""
         g = self.geometry
         if request.prompts is not None:
             texts = request.prompts + (request.negative_prompts if request.guided and request.negative_prompts else [])
@@ -458,11 +475,32 @@ class NOVARunner:
         rows = _pad_rows([r for r in positive for _ in range(request.num_images_per_prompt)], g.batch)
         if g.cfg:
             uncond = negative or [empty] * request.num_prompts
-            rows += _pad_rows([r for r in uncond for _ in range(request.num_images_per_prompt)], g.batch)
+            cond = rows
+            rows = cond + _pad_rows([r for r in uncond for _ in range(request.num_images_per_prompt)], g.batch)
+            if g.blocks == 3:
+                rows += rows[g.batch:] if request.image_guidance_scale else cond
         out = {"text_hidden": np.stack([r[0] for r in rows]), "text_lengths": np.array([r[1] for r in rows], np.int64)}
         if g.has_motion:
             out["motion_flow"] = np.full((g.model_batch,), request.motion_flow, np.float32)
         return out
+
+
+def _guidance_rows(request: Request, g: Geometry) -> dict[str, np.ndarray]:
+    """The temporal graphs' raw_bos [M] of a three-block build: block 1 under image guidance (its unconditional
+    pass sees the raw BOS token at every frame, as `Guidance.stack`)."""
+    if g.blocks < 3:
+        return {}
+    return {"raw_bos": (np.arange(g.model_batch) // g.batch == 1) & bool(request.image_guidance_scale)}
+
+
+def _third_pass_feeds(request: Request, g: Geometry) -> dict[str, np.ndarray]:
+    """The diffusion graphs' third_scale [1] and image_guidance [1] of a three-block build (a scale of 0 with the
+    spatiotemporal form is plain CFG, exactly)."""
+    if g.blocks < 3:
+        return {}
+    scale = request.image_guidance_scale or request.spatiotemporal_guidance_scale
+    return {"third_scale": np.array([scale], np.float32),
+            "image_guidance": np.array([request.image_guidance_scale > 0])}
 
 
 def _step_guidance(request: Request, sampler: SamplerTable) -> np.ndarray:

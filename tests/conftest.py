@@ -85,6 +85,12 @@ def t2v_engines(tiny_t2v, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
+    """Three guidance row blocks: image_guidance_scale and spatiotemporal_guidance_scale (and plain CFG)."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, min_mask_steps=4, max_latent_length=3)
+
+
+@pytest.fixture(scope="session")
 def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
     """The embedded default's build: fp16, default profile (what `make run` builds)."""
     return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16", diffusion_steps=25)

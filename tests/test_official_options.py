@@ -289,7 +289,8 @@ def test_runner_takes_flow_shift_and_refuses_the_rest_by_name(tiny_t2i, t2i_pipe
     with pytest.raises(ValueError, match="^guidance_renorm is not implemented by the compiled runner yet; use "
                                          "runtime.reference.ReferencePipeline$"):
         runner("a red kite", seed=0, guidance_renorm=0.5, **steps)
-    with pytest.raises(ValueError, match="^image_guidance_scale is not implemented by the compiled runner"):
+    with pytest.raises(ValueError, match=r"^image_guidance_scale needs a third guidance pass; .* \(rebuild with "
+                                         r"--third-guidance-pass, video checkpoints\)$"):
         runner("a red kite", seed=0, image_guidance_scale=1.5, **steps)
 
 

@@ -90,9 +90,9 @@ class GraphModule(nn.Module):
         return fp32_islands(self.compute_dtype)
 
 
-def cfg_rows(x: torch.Tensor, cfg: bool) -> torch.Tensor:
-    """CFG batch layout: [conditional rows; unconditional rows], both halves the same input."""
-    return torch.cat([x, x]) if cfg else x
+def cfg_rows(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Guidance batch layout: a B-row input repeated over the `blocks` row blocks (cond, uncond, third)."""
+    return torch.cat([x] * blocks) if blocks > 1 else x
 
 
 def time_embedding(model: NOVATransformer3DModel, position: torch.Tensor) -> torch.Tensor:

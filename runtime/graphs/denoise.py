@@ -19,18 +19,32 @@ SOURCES = sources("runtime/graphs/denoise.py", "runtime/model/transformer.py", "
 
 def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, x: torch.Tensor,
                    condition: torch.Tensor, timestep: torch.Tensor, coefficients: torch.Tensor,
-                   clip_range: torch.Tensor, noise: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+                   clip_range: torch.Tensor, noise: torch.Tensor, guidance_scale: torch.Tensor,
+                   third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None) -> torch.Tensor:
     """One diffusion step (see DenoiseGraph) given z_selected's condition projection, which does not depend
     on the step. -> x_next [B, n, 16] f32."""
-    model_in = cfg_rows(x.to(compute_dtype), geometry.cfg)
+    model_in = cfg_rows(x.to(compute_dtype), geometry.blocks)
     out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
-    if geometry.cfg:  # a scale <= 1 turns guidance off for the step: exactly the conditional output
-        cond, uncond = out.chunk(2)
-        out = torch.where(guidance_scale > 1, uncond + (cond - uncond) * guidance_scale, cond)
+    if geometry.blocks > 1:  # a scale <= 1 turns guidance off for the step: exactly the conditional output
+        cond, uncond, *third = out.chunk(geometry.blocks)
+        out = torch.where(guidance_scale > 1, _combine(cond, uncond, third, guidance_scale, third_scale,
+                                                       image_guidance), cond)
     a, b, r, c, d, e = coefficients.split(1)
     pred = (a * x + b * out) / r
     pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
     return c * pred + d * x + e * noise
+
+
+def _combine(cond: torch.Tensor, uncond: torch.Tensor, third: list[torch.Tensor], scale: torch.Tensor,
+             third_scale: torch.Tensor | None, image_guidance: torch.Tensor | None) -> torch.Tensor:
+    """`Guidance.combine` without renorm, in its float operation order (the selects pick operands, exactly):
+    image (u + g (c - i)) + g_img (i - u); spatiotemporal (u + g (c - u)) + g_st (c - p). Plain CFG on a
+    three-block build is the spatiotemporal form with g_st = 0: adding 0 * (c - p) leaves u + g (c - u) exact."""
+    if not third:
+        return uncond + (cond - uncond) * scale
+    (p,) = third
+    guided = uncond + (cond - torch.where(image_guidance, p, uncond)) * scale
+    return guided + (torch.where(image_guidance, p, cond) - torch.where(image_guidance, uncond, p)) * third_scale
 
 
 def place_tokens(geometry: Geometry, canvas: torch.Tensor, x: torch.Tensor, selected: torch.Tensor,
@@ -50,7 +64,8 @@ class DenoiseGraph(GraphModule):
     [B, n, 16] f32, guidance_scale [1] f32 -> x_next [B, n, 16] f32:
 
         out    = head(x) (CFG: u + g (c - u) in fp32 where g > 1, else c: guidance off, as guidance_scale <= 1
-                 and guidance_trunc turn it off officially)
+                 and guidance_trunc turn it off officially; three-block builds also take third_scale [1] f32
+                 and image_guidance [1] bool and combine as `runtime.guidance.Guidance.combine`)
         pred   = clip((a x + b out) / r, -clip_range, clip_range)
         x_next = c pred + d x + e noise
     """
@@ -61,11 +76,12 @@ class DenoiseGraph(GraphModule):
 
     def forward(self, x: torch.Tensor, z_selected: torch.Tensor, timestep: torch.Tensor,
                 coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
-                guidance_scale: torch.Tensor) -> torch.Tensor:
+                guidance_scale: torch.Tensor, third_scale: torch.Tensor | None = None,
+                image_guidance: torch.Tensor | None = None) -> torch.Tensor:
         with self.islands():
             condition = self.head.time_cond_embed.condition_proj(z_selected)
             return diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timestep, coefficients,
-                                  clip_range, noise, guidance_scale)
+                                  clip_range, noise, guidance_scale, third_scale, image_guidance)
 
 
 def denoise_spec(ctx: GraphContext) -> GraphSpec:
@@ -80,7 +96,7 @@ def denoise_spec(ctx: GraphContext) -> GraphSpec:
                 "timestep": torch.from_numpy(table.timesteps[step:step + 1].copy()),
                 "coefficients": torch.from_numpy(table.coefficients[step].copy()),
                 "clip_range": torch.tensor([float(clip)]), "noise": randn((B, n, td), gen),
-                "guidance_scale": torch.rand(1, generator=gen) * 6 + 1.5}
+                "guidance_scale": torch.rand(1, generator=gen) * 6 + 1.5, **_third_pass_sample(g, gen)}
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
@@ -92,7 +108,7 @@ def denoise_spec(ctx: GraphContext) -> GraphSpec:
                 tensor("coefficients", "float32", table.coefficients.shape[1]),  # a, b, r, c, d, e
                 tensor("clip_range", "float32", 1),  # SamplerTable.clip_range, or NO_CLIP
                 tensor("noise", "float32", B, n, td),  # the step noise (the initial noise goes in x)
-                tensor("guidance_scale", "float32", 1)),
+                tensor("guidance_scale", "float32", 1), *_third_pass_inputs(g)),
         outputs=(tensor("x_next", "float32", B, n, td),),
         dims={}, component="transformer", weight_prefixes=("image_decoder.",),
         sources=SOURCES + ("runtime/schedules.py",), sample=denoise_sample,
@@ -149,6 +165,8 @@ class DenoiseLoopGraph(GraphModule):
     f32 (step j's noise rows, zeros where the sampler adds none), guidance_scale [S] f32 (step j's; <= 1: off), selected
     [B, n] int64, valid [B, n] bool -> canvas_out [B, C, h, w] f32: S `denoise` steps and `place`, the
     same functions on the same inputs, except that z_selected's condition projection is computed once.
+    Three-block builds: third_scale [1] f32 and image_guidance [1] bool after valid (as `denoise`'s; a
+    truncated step's guidance_scale of 1 already selects the conditional output, so one third scale serves).
     """
 
     def __init__(self, model: NOVATransformer3DModel, geometry: Geometry, compute_dtype: torch.dtype, steps: int):
@@ -157,13 +175,29 @@ class DenoiseLoopGraph(GraphModule):
 
     def forward(self, canvas: torch.Tensor, x: torch.Tensor, z_selected: torch.Tensor, timesteps: torch.Tensor,
                 coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
-                guidance_scale: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+                guidance_scale: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
+                third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None) -> torch.Tensor:
         with self.islands():
             condition = self.head.time_cond_embed.condition_proj(z_selected)  # independent of the step: once
             for j in range(self.steps):
                 x = diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timesteps[j:j + 1],
-                                   coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1])
+                                   coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1], third_scale,
+                                   image_guidance)
         return place_tokens(self.geometry, canvas, x, selected, valid)
+
+
+def _third_pass_inputs(g: Geometry) -> tuple:
+    """The third guidance pass's inputs of the diffusion graphs (three-block builds only)."""
+    if g.blocks < 3:
+        return ()
+    return (tensor("third_scale", "float32", 1),  # image_ or spatiotemporal_guidance_scale (0: plain CFG)
+            tensor("image_guidance", "bool", 1))  # true: image guidance's combine, else the spatiotemporal one
+
+
+def _third_pass_sample(g: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    if g.blocks < 3:
+        return {}
+    return {"third_scale": torch.rand(1, generator=gen) * 3, "image_guidance": torch.rand(1, generator=gen) < 0.5}
 
 
 def _step_guidance(steps: int, gen: torch.Generator) -> torch.Tensor:
@@ -185,7 +219,7 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
                 "timesteps": torch.from_numpy(table.timesteps.copy()),
                 "coefficients": torch.from_numpy(table.coefficients.copy()),
                 "clip_range": torch.tensor([float(clip)]), "noise": randn((S, B, n, td), gen) * adds_noise,
-                "guidance_scale": _step_guidance(S, gen), **_token_window(g, gen)}
+                "guidance_scale": _step_guidance(S, gen), **_token_window(g, gen), **_third_pass_sample(g, gen)}
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
@@ -199,7 +233,7 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
                 tensor("clip_range", "float32", 1),  # SamplerTable.clip_range, or NO_CLIP
                 tensor("noise", "float32", S, B, n, td),  # each step's noise, zeros where the sampler adds none
                 tensor("guidance_scale", "float32", S),  # per diffusion step: guidance_trunc turns it off
-                tensor("selected", "int64", B, n), tensor("valid", "bool", B, n)),
+                tensor("selected", "int64", B, n), tensor("valid", "bool", B, n), *_third_pass_inputs(g)),
         outputs=(tensor("canvas_out", "float32", B, *canvas),),
         dims={}, component="transformer", weight_prefixes=("image_decoder.",),
         sources=SOURCES + ("runtime/schedules.py",), sample=denoise_loop_sample,

@@ -97,6 +97,7 @@ class BuildProfile:
     max_tokens_per_step: int | None = None  # overrides the value derived from min_mask_steps
     image_to_video: bool = True  # video checkpoints: also build the VAE encoder
     diffusion_steps: int = 25  # num_diffusion_steps in one launch per mask step (denoise_loop); others: one per step
+    third_pass: bool = False  # a third guidance block: image_guidance_scale and spatiotemporal_guidance_scale
 
     def __post_init__(self):
         for name in ("prompts", "images_per_prompt", "min_mask_steps", "diffusion_steps"):
@@ -107,6 +108,8 @@ class BuildProfile:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.third_pass and not self.cfg:
+            raise ValueError("the third guidance pass needs classifier-free guidance (cfg)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,9 +120,10 @@ class Geometry:
     """Every number the graphs need: checkpoint geometry x build profile."""
 
     batch: int  # B: images per call (prompts x images per prompt)
-    model_batch: int  # M: B, or 2B with CFG
+    model_batch: int  # M = blocks * B
     text_batch: int  # most prompts per text-encoder call (positives + negatives)
     cfg: bool
+    blocks: int  # guidance row blocks: 1, 2 with CFG (cond, uncond), 3 with the third pass (runtime.guidance)
     num_tokens: int  # N image tokens
     num_video_tokens: int  # Nv
     width: int  # D
@@ -147,13 +151,19 @@ class Geometry:
         frames = profile.max_latent_length or (9 if config.has_motion else 1)
         if frames > 1 and not config.has_motion:
             raise ValueError(f"this is an image checkpoint: max latent length must be 1, got {frames}")
+        if profile.third_pass and not (config.has_motion and config.video_mixer_rank):
+            # the exporter binds inputs by position: raw_bos follows the temporal graphs' optional motion_flow
+            # and anchor, which only such checkpoints (the official video ones) declare
+            raise ValueError("the third guidance pass is built for video checkpoints (motion tokens and mixer) only")
         n_max = profile.max_tokens_per_step or max_tokens_per_step(config.num_image_tokens, profile.min_mask_steps)
         if n_max > config.num_image_tokens:
             raise ValueError(f"max tokens per step {n_max} exceeds the {config.num_image_tokens} image tokens")
         batch = profile.prompts * profile.images_per_prompt
-        guided = 2 if profile.cfg else 1
+        blocks = 3 if profile.third_pass else 2 if profile.cfg else 1
+        # the third block's text rows repeat encoded ones (the negative or the prompt): nothing more to encode
+        text_batch = profile.prompts * min(blocks, 2)
         return cls(
-            batch=batch, model_batch=batch * guided, text_batch=profile.prompts * guided, cfg=profile.cfg,
+            batch=batch, model_batch=batch * blocks, text_batch=text_batch, cfg=profile.cfg, blocks=blocks,
             num_tokens=config.num_image_tokens, num_video_tokens=config.num_video_tokens, width=config.width,
             text_dim=config.text_token_dim, text_len=config.text_token_len,
             condition_len=config.num_condition_tokens, channels=config.image_dim, latent_size=config.latent_size,

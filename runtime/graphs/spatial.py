@@ -34,9 +34,9 @@ class SpatialGraph(GraphModule):
             position = model.image_space_embed.to(self.compute_dtype)
             # As NOVATransformer3DModel.spatial (same rounding): patch embed, CFG copies, then positions;
             # unknown tokens are the mask token (+ position).
-            embedded = cfg_rows(encoder.patch_embed(canvas.to(self.compute_dtype)), g.cfg) + position
+            embedded = cfg_rows(encoder.patch_embed(canvas.to(self.compute_dtype)), g.blocks) + position
             blank = (model.mask_embed.mask_token.to(self.compute_dtype) + position).expand(embedded.shape)
-            index = cfg_rows(known_ids, g.cfg).unsqueeze(-1).expand(-1, -1, g.width)
+            index = cfg_rows(known_ids, g.blocks).unsqueeze(-1).expand(-1, -1, g.width)
             slot_known = (torch.arange(known_ids.shape[1], device=known_ids.device) < known_count).view(1, -1, 1)
             keys = torch.cat([slot_known.new_ones(1, g.num_video_tokens), slot_known[..., 0]], dim=1).view(1, 1, 1, -1)
             h = torch.cat([indicator, embedded.gather(1, index)], dim=1)
@@ -47,7 +47,7 @@ class SpatialGraph(GraphModule):
             h = torch.cat([condition, blank.scatter(1, index, written)], dim=1)
             for block in encoder.blocks[encoder.encoder_depth:]:
                 h = block(h)
-            rows = cfg_rows(selected, g.cfg).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            rows = cfg_rows(selected, g.blocks).unsqueeze(-1).expand(-1, -1, h.shape[-1])
             # LayerNorm is per token: normalize only the selected rows.
             return encoder.norm(h[:, g.num_video_tokens:].gather(1, rows))
 

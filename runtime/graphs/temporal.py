@@ -54,6 +54,19 @@ class _StaticCache:
         return keys, values
 
 
+def guidance_tokens(model: NOVATransformer3DModel, tokens: torch.Tensor, raw_bos: torch.Tensor | None) -> torch.Tensor:
+    """Frame tokens [M, Nv, D] with the rows where `raw_bos` [M] is true replaced by the raw BOS token (no time
+    or space embedding): image guidance's unconditional block, at every frame (`Guidance.stack`)."""
+    if raw_bos is None:  # two-block builds have no such rows
+        return tokens
+    return torch.where(raw_bos.view(-1, 1, 1), model.mask_embed.bos_token.to(tokens.dtype), tokens)
+
+
+def _raw_bos_sample(g: Geometry) -> torch.Tensor:
+    """`raw_bos` as an image-guidance request feeds it: block 1's rows."""
+    return (torch.arange(g.model_batch) // g.batch) == 1
+
+
 class TemporalPrefillGraph(GraphModule):
     """`temporal_prefill`: null-filled text (+ motion) condition and BOS frame tokens through the temporal
     encoder. -> indicator (= the anchor) [M, Nv, D] and, for videos, the KV cache [L, M, H, Lmax, Dh]."""
@@ -63,7 +76,7 @@ class TemporalPrefillGraph(GraphModule):
         self.model, self.geometry = model, geometry
 
     def forward(self, text_hidden: torch.Tensor, text_lengths: torch.Tensor, frame_position: torch.Tensor,
-                motion_flow: torch.Tensor | None = None):
+                motion_flow: torch.Tensor | None = None, raw_bos: torch.Tensor | None = None):
         model, g = self.model, self.geometry
         with self.islands():
             # Null-fill: positions >= the prompt's token count take the learned null feature.
@@ -71,7 +84,8 @@ class TemporalPrefillGraph(GraphModule):
             real = torch.arange(g.text_len, device=text_lengths.device).view(1, -1, 1) < text_lengths.view(-1, 1, 1)
             features = torch.where(real, text_hidden.to(self.compute_dtype), null)
             condition = model.condition(features, motion_flow)
-            tokens = model.frame_tokens(None, time_embedding(model, frame_position), g.model_batch)
+            tokens = guidance_tokens(model, model.frame_tokens(None, time_embedding(model, frame_position),
+                                                               g.model_batch), raw_bos)
             if not g.video:
                 return model.temporal(tokens, condition, None)
             cache = _RecordingCache()
@@ -88,6 +102,8 @@ def temporal_prefill_spec(ctx: GraphContext) -> GraphSpec:
               tensor("frame_position", "float32", 1)]  # frame_position(0, T, base_t) = 0
     if g.has_motion:
         inputs.append(tensor("motion_flow", "float32", M))  # per row (default 5)
+    if g.blocks == 3:
+        inputs.append(tensor("raw_bos", "bool", M))  # rows taking the raw BOS token (image guidance's uncond)
     outputs = [tensor("indicator", act, M, g.num_video_tokens, g.width)]  # spatial condition of frame 0 = anchor
     if g.video:  # positions [0, Lc + Nv) written
         outputs += [tensor("k_cache", act, L, M, H, Lmax, Dh), tensor("v_cache", act, L, M, H, Lmax, Dh)]
@@ -99,6 +115,8 @@ def temporal_prefill_spec(ctx: GraphContext) -> GraphSpec:
                "frame_position": torch.zeros(1)}
         if g.has_motion:
             out["motion_flow"] = torch.rand(M, generator=gen) * 9 + 1
+        if g.blocks == 3:
+            out["raw_bos"] = _raw_bos_sample(g)
         return out
 
     return GraphSpec(
@@ -124,12 +142,13 @@ class TemporalStepGraph(GraphModule):
         self.model, self.geometry = model, geometry
 
     def forward(self, prev_latent: torch.Tensor, frame_position: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, cache_length: torch.Tensor, anchor: torch.Tensor | None = None):
+                v_cache: torch.Tensor, cache_length: torch.Tensor, anchor: torch.Tensor | None = None,
+                raw_bos: torch.Tensor | None = None):
         model, g = self.model, self.geometry
         with self.islands():
             tokens = model.frame_tokens(prev_latent.to(self.compute_dtype),
                                         time_embedding(model, frame_position), g.batch)
-            h = cfg_rows(tokens, g.cfg)
+            h = guidance_tokens(model, cfg_rows(tokens, g.blocks), raw_bos)
             cache = _StaticCache(k_cache, v_cache, cache_length)
             positions = torch.arange(g.cache_length, device=cache_length.device)
             valid = (positions < cache_length + h.shape[1]).view(1, 1, 1, -1)  # block-causal: all before + own frame
@@ -153,6 +172,8 @@ def temporal_step_spec(ctx: GraphContext) -> GraphSpec | None:
               tensor("cache_length", "int64", 1)]  # valid positions before this frame: Lc + t * Nv
     if g.has_mixer:
         inputs.append(tensor("anchor", act, M, Nv, g.width))  # indicator of frame 0
+    if g.blocks == 3:
+        inputs.append(tensor("raw_bos", "bool", M))  # as temporal_prefill's
 
     def temporal_step_sample(values: dict[str, int], gen: torch.Generator) -> dict[str, torch.Tensor]:
         frame = int(randint(1, g.max_latent_length, (1,), gen))
@@ -164,6 +185,8 @@ def temporal_step_spec(ctx: GraphContext) -> GraphSpec | None:
                "k_cache": cache(), "v_cache": cache(), "cache_length": torch.tensor([length])}
         if g.has_mixer:
             out["anchor"] = randn((M, Nv, g.width), gen, ctx.dtype(name))
+        if g.blocks == 3:
+            out["raw_bos"] = _raw_bos_sample(g)
         return out
 
     return GraphSpec(
