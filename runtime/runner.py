@@ -188,10 +188,10 @@ class NOVARunner:
         """Generate. options: those of the official pipeline with its defaults (`runtime.request.validate_request`,
         the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
         guidance_trunc, flow_shift, max_latent_length, motion_flow, image, latents, num_images_per_prompt,
-        prompt_embeds, negative_prompt_embeds, and image_guidance_scale or spatiotemporal_guidance_scale on a build
-        with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it). seed
-        or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage in the
-        output; progress: a progress bar over the mask steps (on stderr)."""
+        prompt_embeds, negative_prompt_embeds, and image_guidance_scale or spatiotemporal_guidance_scale on a
+        build with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it).
+        seed or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage
+        in the output; progress: a progress bar over the mask steps (on stderr)."""
         plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
         timer, chunks = _Timer(self.backend, return_timings), []
         with self._lock:
