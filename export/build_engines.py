@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-image-to-video", action="store_true", help="video checkpoints: skip the VAE encoder")
     prof.add_argument("--third-guidance-pass", action="store_true",
                       help="serves image_guidance_scale and spatiotemporal_guidance_scale; costs a third more "
-                           "transformer compute (needs CFG; video checkpoints)")
+                           "transformer compute (needs CFG)")
     run = p.add_argument_group("build")
     run.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                      help="torch.onnx exporter (measured in engines/README.md)")

@@ -64,6 +64,19 @@ def _quiet():
             lg.setLevel(level)
 
 
+class _ByName(torch.nn.Module):
+    """The graph module called with its declared inputs by name. Exporters pass inputs by position, and a
+    module's optional inputs (motion_flow, anchor, raw_bos) are declared only where a checkpoint or build has
+    them, so positions alone would bind one to another's parameter."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.module(**dict(zip(self.names, inputs)))
+
+
 def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLike, exporter: str = DEFAULT_EXPORTER,
                  opset: int = OPSET) -> dict[str, Any]:
     """Write `path` (+ `path`.data) for `spec` traced from `module`. -> info (exporter, seconds)."""
@@ -75,6 +88,7 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
     args = tuple(inputs[t.name] for t in spec.inputs)
     input_names = [t.name for t in spec.inputs]
     output_names = [t.name for t in spec.outputs]
+    module = _ByName(module, input_names)
     scratch = Path(tempfile.mkdtemp(prefix=f".export-{spec.name}-", dir=path.parent))
     raw = scratch / path.name  # exporters may write extra weight files: keep them in a scratch folder
     start = time.perf_counter()
@@ -85,7 +99,7 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
                 shapes = tuple({axis: dims[s] for axis, s in enumerate(t.shape) if isinstance(s, str)} or None
                                for t in spec.inputs)
                 torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
-                                  dynamic_shapes=shapes if spec.dims else None, dynamo=True, external_data=True,
+                                  dynamic_shapes={"inputs": shapes} if spec.dims else None, dynamo=True, external_data=True,
                                   opset_version=opset, optimize=True, verbose=False)
             else:
                 axes = {t.name: {axis: s for axis, s in enumerate(t.shape) if isinstance(s, str)}

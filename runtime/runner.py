@@ -242,8 +242,7 @@ class NOVARunner:
                              f"(rebuild without --no-cfg)")
         third = [name for name in request.extra_options if name in THIRD_PASS_OPTIONS]
         if third and g.blocks < 3:
-            raise ValueError(f"{third[0]} needs a third guidance pass; {built} (rebuild with --third-guidance-pass, "
-                             f"video checkpoints)")
+            raise ValueError(f"{third[0]} needs a third guidance pass; {built} (rebuild with --third-guidance-pass)")
         if request.max_latent_length > g.max_latent_length:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
         if request.latents is not None and len(request.latents) > 1 and not self.configs.video_vae:

@@ -290,7 +290,7 @@ def test_runner_takes_flow_shift_and_refuses_the_rest_by_name(tiny_t2i, t2i_pipe
                                          "runtime.reference.ReferencePipeline$"):
         runner("a red kite", seed=0, guidance_renorm=0.5, **steps)
     with pytest.raises(ValueError, match=r"^image_guidance_scale needs a third guidance pass; .* \(rebuild with "
-                                         r"--third-guidance-pass, video checkpoints\)$"):
+                                         r"--third-guidance-pass\)$"):
         runner("a red kite", seed=0, image_guidance_scale=1.5, **steps)
 
 

@@ -46,13 +46,29 @@ def test_graph_combine_is_the_reference_combine_bit_for_bit(image):
     assert torch.equal(plain, Guidance(4.0).combine(torch.cat([cond, uncond]), 2))
 
 
-def test_profile_needs_cfg_and_a_video_checkpoint(tiny_t2i):
+def test_profile_needs_cfg(tiny_t2i):
     from runtime.configs import CheckpointConfigs
 
     with pytest.raises(ValueError, match="^the third guidance pass needs classifier-free guidance"):
         BuildProfile(cfg=False, third_pass=True)
-    with pytest.raises(ValueError, match="^the third guidance pass is built for video checkpoints"):
-        Geometry.from_config(CheckpointConfigs.read(tiny_t2i).transformer, BuildProfile(third_pass=True))
+    assert Geometry.from_config(CheckpointConfigs.read(tiny_t2i).transformer, BuildProfile(third_pass=True)).blocks == 3
+
+
+@pytest.mark.parametrize("options", [dict(image_guidance_scale=2), dict(spatiotemporal_guidance_scale=2), {}],
+                         ids=["image", "spatiotemporal", "plain-cfg"])
+def test_image_checkpoint_third_pass_equals_the_reference(t2i_third_pass_engines, t2i_pipe, options):
+    """The exporter binds inputs by name: on an image checkpoint raw_bos follows frame_position (no motion_flow)."""
+    from runtime.runner import NOVARunner
+
+    steps = dict(num_inference_steps=8, num_diffusion_steps=4)
+    ours = NOVARunner.from_engines(t2i_third_pass_engines)("a red kite", seed=0, **steps, **options)
+    theirs = t2i_pipe("a red kite", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
+                      output_type="latent", **steps, **options).latents.numpy()
+    np.testing.assert_allclose(ours.latents, theirs, rtol=0, atol=1e-4)
+    if options.get("image_guidance_scale"):  # and the pass did something
+        plain = t2i_pipe("a red kite", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
+                         output_type="latent", **steps).latents.numpy()
+        assert np.abs(plain - theirs).max() > 1e-3
 
 
 @pytest.mark.parametrize("options, seed", CASES, ids=IDS)

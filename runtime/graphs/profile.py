@@ -151,10 +151,6 @@ class Geometry:
         frames = profile.max_latent_length or (9 if config.has_motion else 1)
         if frames > 1 and not config.has_motion:
             raise ValueError(f"this is an image checkpoint: max latent length must be 1, got {frames}")
-        if profile.third_pass and not (config.has_motion and config.video_mixer_rank):
-            # the exporter binds inputs by position: raw_bos follows the temporal graphs' optional motion_flow
-            # and anchor, which only such checkpoints (the official video ones) declare
-            raise ValueError("the third guidance pass is built for video checkpoints (motion tokens and mixer) only")
         n_max = profile.max_tokens_per_step or max_tokens_per_step(config.num_image_tokens, profile.min_mask_steps)
         if n_max > config.num_image_tokens:
             raise ValueError(f"max tokens per step {n_max} exceeds the {config.num_image_tokens} image tokens")
