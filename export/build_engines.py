@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--third-guidance-pass", action="store_true",
                       help="serves image_guidance_scale and spatiotemporal_guidance_scale; costs a third more "
                            "transformer compute (needs CFG)")
+    prof.add_argument("--guidance-renorm", action="store_true",
+                      help="serve guidance_renorm: denoise_loop carries the whole token grid (its norms run over every "
+                           "token), for requests at the built --diffusion-steps (needs CFG)")
     run = p.add_argument_group("build")
     run.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                      help="torch.onnx exporter (measured in engines/README.md)")
@@ -127,7 +130,8 @@ def _build(args: argparse.Namespace) -> int:
         profile = BuildProfile(prompts=args.prompts, images_per_prompt=args.images_per_prompt, cfg=not args.no_cfg,
                                max_latent_length=args.max_latent_length, min_mask_steps=args.min_mask_steps,
                                max_tokens_per_step=args.max_tokens_per_step, diffusion_steps=args.diffusion_steps,
-                               image_to_video=not args.no_image_to_video, third_pass=args.third_guidance_pass)
+                               image_to_video=not args.no_image_to_video, third_pass=args.third_guidance_pass,
+                               guidance_renorm=args.guidance_renorm)
         options = BuildOptions(
             checkpoint=Path(folder), out=out, precision=args.precision, backend=args.backend, profile=profile,
             overrides=dict(args.component_precision), exporter=args.exporter, validate=not args.skip_validation,

@@ -23,7 +23,7 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 CONFIGS_DIR = "configs"
-FORMAT = 5  # 3: BuildProfile.diffusion_steps and the denoise_loop graph; 4: guidance per diffusion step;
+FORMAT = 6  # 3: BuildProfile.diffusion_steps and the denoise_loop graph; 4: guidance per diffusion step;
 # 5: guidance row blocks (Geometry.blocks) and the third-pass inputs
 REBUILD = "rebuild with export/build_engines.py"
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Generator, Iterator, Sequence
 
 import numpy as np
+import PIL.Image
 
 from runtime.backends.base import Backend
 from runtime.configs import CheckpointConfigs, CheckpointError
@@ -49,8 +50,6 @@ from runtime.request import Request, validate_request
 from runtime.schedules import SamplerTable, mask_schedule
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
-# the official HEAD options (`Request.extra_options`) the compiled graphs serve; the others are refused by name
-COMPILED_OPTIONS = ("guidance_trunc", "latents")
 # served by builds with the third guidance pass (`BuildProfile.third_pass`); other builds refuse them naming the flag
 THIRD_PASS_OPTIONS = ("image_guidance_scale", "spatiotemporal_guidance_scale")
 
@@ -58,7 +57,7 @@ THIRD_PASS_OPTIONS = ("image_guidance_scale", "spatiotemporal_guidance_scale")
 @dataclasses.dataclass
 class RunnerOutput:
     latents: np.ndarray  # [B, C, T, h, w] float32 scaled latents
-    images: np.ndarray | None = None  # [B, H, W, 3] uint8 (image VAE)
+    images: np.ndarray | list | None = None  # [B, H, W, 3] uint8 (image VAE), or PIL images (output_type "pil")
     frames: np.ndarray | None = None  # [B, T', H, W, 3] uint8 (video VAE)
     timings: dict[str, float] | None = None  # seconds per stage, on request
 
@@ -183,22 +182,33 @@ class NOVARunner:
 
     # -- public API -----------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
-                 draws: RandomDraws | NumpyDraws | None = None, return_timings: bool = False, progress: bool = False,
-                 **options) -> RunnerOutput:
+                 draws: RandomDraws | NumpyDraws | None = None, output_type: str = "np", return_timings: bool = False,
+                 progress: bool = False, disable_progress_bar: bool | None = None, **options) -> RunnerOutput:
         """Generate. options: those of the official pipeline with its defaults (`runtime.request.validate_request`,
         the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
         guidance_trunc, flow_shift, max_latent_length, motion_flow, image, latents, num_images_per_prompt,
         prompt_embeds, negative_prompt_embeds, and image_guidance_scale or spatiotemporal_guidance_scale on a
-        build with the third guidance pass (guidance_renorm is refused by name: the graphs do not implement it).
-        seed or generator (a torch.Generator) or draws: the random numbers. return_timings: seconds per stage
-        in the output; progress: a progress bar over the mask steps (on stderr)."""
+        build with the third guidance pass, guidance_renorm on a build with the whole-grid loop (--guidance-renorm).
+        seed or generator (a torch.Generator) or draws: the random numbers. output_type: "np" (uint8 arrays, what a
+        service needs), "pil" (images as PIL images; a video's frames stay arrays, as officially) or "latent"
+        (latents only, nothing decoded). return_timings: seconds per stage in the output; progress (or the
+        official disable_progress_bar=False): a progress bar over the mask steps (on stderr)."""
+        if output_type not in ("np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r} (the compiled VAE "
+                             f"graphs emit uint8 pixels: for 'pt' use runtime.reference.ReferencePipeline)")
         plan, draws = self._plan(prompt, options), draws or _draws(seed, generator)
+        progress = progress if disable_progress_bar is None else not disable_progress_bar
         timer, chunks = _Timer(self.backend, return_timings), []
         with self._lock:
-            latents = _drain(self._generate(plan, draws, timer, progress), chunks.append)
+            latents = _drain(self._generate(plan, draws, timer, progress, output_type != "latent"), chunks.append)
+        timings = dict(timer.seconds) if return_timings else None
+        if output_type == "latent":
+            return RunnerOutput(latents=latents, timings=timings)
         decoded = np.concatenate(chunks, axis=1 if chunks[0].ndim == 5 else 0)
-        return RunnerOutput(latents=latents, timings=dict(timer.seconds) if return_timings else None,
-                            **{"frames" if decoded.ndim == 5 else "images": decoded})
+        if decoded.ndim == 5:
+            return RunnerOutput(latents=latents, frames=decoded, timings=timings)
+        return RunnerOutput(latents=latents, timings=timings, images=decoded if output_type == "np" else
+                            [PIL.Image.fromarray(image) for image in decoded])
 
     def stream(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
                draws: RandomDraws | NumpyDraws | None = None, **options) -> Iterator[np.ndarray]:
@@ -226,10 +236,6 @@ class NOVARunner:
     def _plan(self, prompt, options: dict) -> _Plan:
         """Validate the request and refuse what the graphs cannot serve, naming what they were built for."""
         request = validate_request(self.config, prompt, **options)
-        extras = [name for name in request.extra_options if name not in COMPILED_OPTIONS + THIRD_PASS_OPTIONS]
-        if extras:  # accepted by validate_request, not yet by the graphs
-            raise ValueError(f"{', '.join(extras)} {'is' if len(extras) == 1 else 'are'} not implemented by the "
-                             "compiled runner yet; use runtime.reference.ReferencePipeline")
         plan = _Plan(request, mask_schedule(self.geometry.num_tokens, request.num_inference_steps),
                      SamplerTable.from_config(self.configs.scheduler, request.num_diffusion_steps, request.flow_shift),
                      "denoise_loop" in self.graphs and request.num_diffusion_steps == self.profile.diffusion_steps)
@@ -243,6 +249,10 @@ class NOVARunner:
         third = [name for name in request.extra_options if name in THIRD_PASS_OPTIONS]
         if third and g.blocks < 3:
             raise ValueError(f"{third[0]} needs a third guidance pass; {built} (rebuild with --third-guidance-pass)")
+        if "guidance_renorm" in request.extra_options and not (self.profile.guidance_renorm and plan.unrolled):
+            raise ValueError(f"guidance_renorm runs in a diffusion loop over the whole token grid; {built} (rebuild "
+                             + ("with --guidance-renorm)" if not self.profile.guidance_renorm else
+                                f"with --diffusion-steps {request.num_diffusion_steps} for this step count)"))
         if request.max_latent_length > g.max_latent_length:
             raise ValueError(f"max_latent_length {request.max_latent_length} exceeds the KV cache; {built}")
         if request.latents is not None and len(request.latents) > 1 and not self.configs.video_vae:
@@ -264,8 +274,9 @@ class NOVARunner:
     # loops rely on it where an output feeds the same graph's next call (x -> denoise, canvas -> place or
     # denoise_loop, the KV cache -> temporal_step) and where one is held while other graphs run (the
     # indicator and anchor through a frame, z_selected through a mask step's diffusion steps).
-    def _generate(self, plan: _Plan, draws, timer: _Timer, progress: bool) -> Generator[np.ndarray, None, np.ndarray]:
-        """Yield decoded pixels as they become decodable; -> the latents [B, C, T, h, w]."""
+    def _generate(self, plan: _Plan, draws, timer: _Timer, progress: bool,
+                  decode: bool = True) -> Generator[np.ndarray, None, np.ndarray]:
+        """Yield decoded pixels as they become decodable (unless not `decode`); -> the latents [B, C, T, h, w]."""
         from tqdm.auto import tqdm
 
         g, request, run, upload = self.geometry, plan.request, self.backend.run, self.backend.upload
@@ -304,7 +315,8 @@ class NOVARunner:
                         mask_steps = self._mask_step_inputs(_pad_rows(order, g.batch), plan.schedule)
                     latents.append(self._frame(plan, feeds, mask_steps, indicator, draws, timer, bar))
                 # 6. decode what became decodable
-                yield from self._decode_ready(latents, total, decoded, request.batch, timer)
+                if decode:
+                    yield from self._decode_ready(latents, total, decoded, request.batch, timer)
                 decoded = self._decoded_count(len(latents), total)
         return np.stack(latents, axis=2)[: request.batch]
 
@@ -363,10 +375,12 @@ class NOVARunner:
         the whole table for denoise_loop, else one per diffusion step for denoise. `noise` is zeros here and
         replaced by the mask step's draws where the sampler adds noise (DDPM at t > 0)."""
         g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
-        rows = (g.batch, g.max_tokens_per_step, g.token_dim)
+        rows = (g.batch, g.num_tokens if self._whole_grid(plan) else g.max_tokens_per_step, g.token_dim)
         clip = upload(np.array([sampler.clip_range if sampler.clip_range is not None else NO_CLIP], np.float32))
         guidance = _step_guidance(plan.request, sampler)
         third = {k: upload(v) for k, v in _third_pass_feeds(plan.request, g).items()}
+        if self._whole_grid(plan):
+            third["renorm"] = upload(np.array([plan.request.guidance_renorm], np.float32))
         if plan.unrolled:
             return [{**third, "clip_range": clip, "guidance_scale": upload(guidance),
                      "timesteps": upload(sampler.timesteps),
@@ -378,6 +392,10 @@ class NOVARunner:
                  "timestep": upload(sampler.timesteps[j:j + 1]), "coefficients": upload(sampler.coefficients[j]),
                  "noise": no_noise} for j in range(len(sampler.timesteps))]
 
+    def _whole_grid(self, plan: _Plan) -> bool:
+        """Whether the mask step's diffusion loop runs over every token (a --guidance-renorm build's denoise_loop)."""
+        return plan.unrolled and self.profile.guidance_renorm
+
     def _step_noise(self, plan: _Plan, selected: np.ndarray, draws) -> tuple[object, list[dict]]:
         """A mask step's draws in the reference's order (the initial noise, then each noise-adding diffusion
         step's), each for the whole canvas as the reference draws it; only the step's rows go up, all before
@@ -385,14 +403,16 @@ class NOVARunner:
         -> x on the device, and per diffusion launch (`_sampler_feeds`) its noise feed ({}: the zeros stay)."""
         g, upload, sampler = self.geometry, self.backend.upload, plan.sampler
         shape, dtype = (plan.request.batch, g.channels, *g.latent_size), self._draw_dtype
-        x = upload(_gather_rows(draws.normal(shape, dtype), selected, g))
+        rows = (lambda noise: _grid_rows(noise, g)) if self._whole_grid(plan) else \
+            (lambda noise: _gather_rows(noise, selected, g))
+        x = upload(rows(draws.normal(shape, dtype)))
         steps = range(len(sampler.timesteps))
-        noise = {j: _gather_rows(draws.normal(shape, dtype), selected, g) for j in steps if sampler.draws_noise(j)}
+        noise = {j: rows(draws.normal(shape, dtype)) for j in steps if sampler.draws_noise(j)}
         if not plan.unrolled:
             return x, [{"noise": upload(noise[j])} if j in noise else {} for j in steps]
         if not noise:
             return x, [{}]
-        zeros = np.zeros((g.batch, g.max_tokens_per_step, g.token_dim), np.float32)
+        zeros = np.zeros_like(next(iter(noise.values())))
         return x, [{"noise": upload(np.stack([noise.get(j, zeros) for j in steps]))}]  # all steps' in one upload
 
     def _frame(self, plan: _Plan, feeds: list[dict], mask_steps: list[_MaskStep], indicator, draws, timer: _Timer,
@@ -547,10 +567,14 @@ def _patchify(x: np.ndarray, patch: int) -> np.ndarray:
     return x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
+def _grid_rows(noise, g: Geometry) -> np.ndarray:
+    """Noise drawn for the whole canvas [B, C, h, w] -> every token's values [B_built, N, 16]."""
+    return _pad_rows(_patchify(_numpy(noise).astype(np.float32), g.patch), g.batch)
+
+
 def _gather_rows(noise, selected: np.ndarray, g: Geometry) -> np.ndarray:
     """Noise drawn for the whole canvas [B, C, h, w] -> the selected tokens' values [B_built, n_max, 16]."""
-    tokens = _pad_rows(_patchify(_numpy(noise).astype(np.float32), g.patch), g.batch)
-    return np.take_along_axis(tokens, selected[..., None], axis=1)
+    return np.take_along_axis(_grid_rows(noise, g), selected[..., None], axis=1)
 
 
 def _numpy(value) -> np.ndarray:

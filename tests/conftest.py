@@ -86,14 +86,17 @@ def t2v_engines(tiny_t2v, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def t2i_third_pass_engines(tiny_t2i, tmp_path_factory):
-    """Three guidance row blocks on an image checkpoint: no motion_flow, so raw_bos follows frame_position."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", third_pass=True, min_mask_steps=8)
+    """Every official option: three guidance row blocks (on an image checkpoint: no motion_flow, so raw_bos
+    follows frame_position) and the whole-grid diffusion loop of guidance_renorm."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", third_pass=True, guidance_renorm=True, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
-    """Three guidance row blocks: image_guidance_scale and spatiotemporal_guidance_scale (and plain CFG)."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, min_mask_steps=4, max_latent_length=3)
+    """Every official option: three guidance row blocks (image_guidance_scale and spatiotemporal_guidance_scale,
+    and plain CFG) and the whole-grid diffusion loop of guidance_renorm."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, guidance_renorm=True, min_mask_steps=4,
+                    max_latent_length=3)
 
 
 @pytest.fixture(scope="session")

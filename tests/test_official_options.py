@@ -286,8 +286,8 @@ def test_runner_takes_flow_shift_and_refuses_the_rest_by_name(tiny_t2i, t2i_pipe
     ours = runner("a red kite", seed=0, flow_shift=3.0, **steps)
     theirs = t2i_pipe("a red kite", flow_shift=3.0, generator=_seeded(), disable_progress_bar=True, **steps)
     np.testing.assert_allclose(ours.latents, theirs.latents.numpy(), rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="^guidance_renorm is not implemented by the compiled runner yet; use "
-                                         "runtime.reference.ReferencePipeline$"):
+    with pytest.raises(ValueError, match="^guidance_renorm runs in a diffusion loop over the whole token grid; these "
+                                         r"engines were built for .* \(rebuild with --guidance-renorm\)$"):
         runner("a red kite", seed=0, guidance_renorm=0.5, **steps)
     with pytest.raises(ValueError, match=r"^image_guidance_scale needs a third guidance pass; .* \(rebuild with "
                                          r"--third-guidance-pass\)$"):
@@ -331,3 +331,17 @@ def test_compiled_runner_continues_given_latents_like_the_reference(t2v_engines,
     assert ours.frames.shape == theirs.frames.shape == (1, 17, 64, 96, 3)  # 5 latents through the video VAE
     streamed = np.concatenate(list(runner.stream("waves", seed=1, latents=given, **options)), axis=1)
     assert np.array_equal(streamed, ours.frames)
+
+
+def test_compiled_runner_takes_the_official_output_types(t2i_engines):
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_engines(t2i_engines)
+    steps = dict(seed=0, num_inference_steps=8, num_diffusion_steps=4)
+    arrays = runner("a cat", **steps)  # "np": what a service needs
+    pil = runner("a cat", output_type="pil", disable_progress_bar=True, **steps)  # the official default's type
+    assert len(pil.images) == 1 and np.array_equal(np.asarray(pil.images[0]), arrays.images[0])
+    latent = runner("a cat", output_type="latent", **steps)  # nothing decoded
+    assert latent.images is None and latent.frames is None and np.array_equal(latent.latents, arrays.latents)
+    with pytest.raises(ValueError, match="output_type must be 'np', 'pil' or 'latent', got 'pt'"):
+        runner("a cat", output_type="pt", **steps)

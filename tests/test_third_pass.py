@@ -13,9 +13,10 @@ STEPS = dict(num_inference_steps=4, num_diffusion_steps=4, max_latent_length=3)
 THIRD = BuildProfile(third_pass=True, min_mask_steps=4, max_latent_length=3, diffusion_steps=4)
 # (options, seed). image + trunc uses seed 1: at seed 0 its first frame is 1.1e-3 off, where ONNX Runtime and the
 # torch backend, running the same graphs (rounding only), already differ by 1.0e-3 (seeds 1, 2: 7e-5, 1.4e-4)
-CASES = [(dict(image_guidance_scale=2), 0), (dict(spatiotemporal_guidance_scale=2), 0), ({}, 0),
-         (dict(image_guidance_scale=2, guidance_trunc=600), 1)]
-IDS = ["image", "spatiotemporal", "plain-cfg", "image-trunc"]
+# (plain CFG and renorm alone run on the image checkpoint's build below)
+CASES = [(dict(image_guidance_scale=2), 0), (dict(spatiotemporal_guidance_scale=2), 0),
+         (dict(image_guidance_scale=2, guidance_trunc=600), 1), (dict(image_guidance_scale=2, guidance_renorm=0.5), 0)]
+IDS = ["image", "spatiotemporal", "image-trunc", "image-renorm"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,12 @@ def test_profile_needs_cfg(tiny_t2i):
     assert Geometry.from_config(CheckpointConfigs.read(tiny_t2i).transformer, BuildProfile(third_pass=True)).blocks == 3
 
 
-@pytest.mark.parametrize("options", [dict(image_guidance_scale=2), dict(spatiotemporal_guidance_scale=2), {}],
-                         ids=["image", "spatiotemporal", "plain-cfg"])
-def test_image_checkpoint_third_pass_equals_the_reference(t2i_third_pass_engines, t2i_pipe, options):
-    """The exporter binds inputs by name: on an image checkpoint raw_bos follows frame_position (no motion_flow)."""
+@pytest.mark.parametrize("options", [dict(image_guidance_scale=2), dict(spatiotemporal_guidance_scale=2), {},
+                                     dict(guidance_renorm=0.2), dict(image_guidance_scale=2, guidance_renorm=0.2)],
+                         ids=["image", "spatiotemporal", "plain-cfg", "renorm", "image-renorm"])
+def test_image_checkpoint_official_options_equal_the_reference(t2i_third_pass_engines, t2i_pipe, options):
+    """The exporter binds inputs by name: on an image checkpoint raw_bos follows frame_position (no motion_flow);
+    guidance_renorm's norms run over the whole grid in the loop graph, as in the reference."""
     from runtime.runner import NOVARunner
 
     steps = dict(num_inference_steps=8, num_diffusion_steps=4)
@@ -65,7 +68,7 @@ def test_image_checkpoint_third_pass_equals_the_reference(t2i_third_pass_engines
     theirs = t2i_pipe("a red kite", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
                       output_type="latent", **steps, **options).latents.numpy()
     np.testing.assert_allclose(ours.latents, theirs, rtol=0, atol=1e-4)
-    if options.get("image_guidance_scale"):  # and the pass did something
+    if options and "spatiotemporal_guidance_scale" not in options:  # and the option did something
         plain = t2i_pipe("a red kite", generator=torch.Generator().manual_seed(0), disable_progress_bar=True,
                          output_type="latent", **steps).latents.numpy()
         assert np.abs(plain - theirs).max() > 1e-3
@@ -82,7 +85,7 @@ def test_compiled_runner_third_pass_equals_the_reference(t2v_third_pass_engines,
     ours = runner("waves", seed=seed, **STEPS, **options).latents
     error = _frame_errors(ours, _reference(t2v_pipe, seed, **options))
     assert error[0] < 1e-3, error
-    if "image_guidance_scale" in options:  # and the option did something
+    if options and "spatiotemporal_guidance_scale" not in options:  # and the option did something
         assert np.abs(ours - runner("waves", seed=seed, **STEPS).latents)[:, :, 0].max() > 1e-2
 
 
@@ -105,3 +108,16 @@ def test_two_block_build_refuses_naming_the_flag(tiny_t2v, option):
     runner.backend.run = None  # refused before any work
     with pytest.raises(ValueError, match=f"^{option} needs a third guidance pass; .*--third-guidance-pass"):
         runner("waves", seed=0, **{option: 2}, **STEPS)
+
+
+def test_guidance_renorm_is_refused_where_the_loop_is_not_the_whole_grid(tiny_t2i, t2i_third_pass_engines):
+    from runtime.runner import NOVARunner
+
+    steps = dict(num_inference_steps=8, guidance_renorm=0.5)
+    narrow = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=8, diffusion_steps=4))
+    with pytest.raises(ValueError, match=r"whole token grid; .*\(rebuild with --guidance-renorm\)$"):
+        narrow("a", seed=0, num_diffusion_steps=4, **steps)
+    runner = NOVARunner.from_engines(t2i_third_pass_engines)  # unrolled for 4 diffusion steps
+    with pytest.raises(ValueError, match=r"\(rebuild with --diffusion-steps 3 for this step count\)$"):
+        runner("a", seed=0, num_diffusion_steps=3, **steps)
+    assert runner("a", seed=0, num_diffusion_steps=3, num_inference_steps=8).images.shape == (1, 64, 64, 3)

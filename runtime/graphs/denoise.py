@@ -29,6 +29,12 @@ def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.
         cond, uncond, *third = out.chunk(geometry.blocks)
         out = torch.where(guidance_scale > 1, _combine(cond, uncond, third, guidance_scale, third_scale,
                                                        image_guidance), cond)
+    return _sampler_update(x, out, coefficients, clip_range, noise)
+
+
+def _sampler_update(x: torch.Tensor, out: torch.Tensor, coefficients: torch.Tensor, clip_range: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """A `SamplerTable` row applied in fp32: clip((a x + b out) / r) then c pred + d x + e noise."""
     a, b, r, c, d, e = coefficients.split(1)
     pred = (a * x + b * out) / r
     pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
@@ -40,11 +46,43 @@ def _combine(cond: torch.Tensor, uncond: torch.Tensor, third: list[torch.Tensor]
     """`Guidance.combine` without renorm, in its float operation order (the selects pick operands, exactly):
     image (u + g (c - i)) + g_img (i - u); spatiotemporal (u + g (c - u)) + g_st (c - p). Plain CFG on a
     three-block build is the spatiotemporal form with g_st = 0: adding 0 * (c - p) leaves u + g (c - u) exact."""
+    guided, third_term = _guidance_terms(cond, uncond, third, scale, third_scale, image_guidance)
+    return guided if third_term is None else guided + third_term
+
+
+def _guidance_terms(cond: torch.Tensor, uncond: torch.Tensor, third: list[torch.Tensor], scale: torch.Tensor,
+                    third_scale: torch.Tensor | None, image_guidance: torch.Tensor | None):
+    """-> (the guided term that guidance_renorm rescales, the third pass's term added after it, or None)."""
     if not third:
-        return uncond + (cond - uncond) * scale
+        return uncond + (cond - uncond) * scale, None
     (p,) = third
     guided = uncond + (cond - torch.where(image_guidance, p, uncond)) * scale
-    return guided + (torch.where(image_guidance, p, cond) - torch.where(image_guidance, uncond, p)) * third_scale
+    return guided, (torch.where(image_guidance, p, cond) - torch.where(image_guidance, uncond, p)) * third_scale
+
+
+def renormed_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, grid: torch.Tensor,
+                  selected: torch.Tensor, valid: torch.Tensor, condition: torch.Tensor, timestep: torch.Tensor,
+                  coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
+                  guidance_scale: torch.Tensor, renorm: torch.Tensor, third_scale: torch.Tensor | None = None,
+                  image_guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """One diffusion step over the whole token grid [B, N, 16], as the official head returns it: the selected
+    tokens take the head's output, every other token (the padded rows too) keeps its input in every block,
+    so the guided and conditional grids equal x there. guidance_renorm (< 1) scales each sample's guided term
+    by clamp(|cond| / |guided|, renorm, 1), norms over the whole grid; then the sampler steps every token."""
+    index = selected.unsqueeze(-1).expand(-1, -1, geometry.token_dim)
+    x = grid.gather(1, index)
+    model_in = cfg_rows(x.to(compute_dtype), geometry.blocks)
+    out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
+    cond, uncond, *third = (torch.where(valid.unsqueeze(-1), block, x) for block in out.chunk(geometry.blocks))
+    guided, third_term = _guidance_terms(cond, uncond, third, guidance_scale, third_scale, image_guidance)
+    cond_grid, guided_grid = grid.scatter(1, index, cond), grid.scatter(1, index, guided)
+    one = torch.ones_like(renorm)
+    ratio = cond_grid.norm(dim=(1, 2), keepdim=True) / guided_grid.norm(dim=(1, 2), keepdim=True)
+    guided_grid = guided_grid * torch.where(renorm < 1, torch.minimum(torch.maximum(ratio, renorm), one), one)
+    if third_term is not None:
+        guided_grid = guided_grid + torch.zeros_like(grid).scatter(1, index, third_term)
+    return _sampler_update(grid, torch.where(guidance_scale > 1, guided_grid, cond_grid), coefficients, clip_range,
+                           noise)
 
 
 def place_tokens(geometry: Geometry, canvas: torch.Tensor, x: torch.Tensor, selected: torch.Tensor,
@@ -167,6 +205,8 @@ class DenoiseLoopGraph(GraphModule):
     same functions on the same inputs, except that z_selected's condition projection is computed once.
     Three-block builds: third_scale [1] f32 and image_guidance [1] bool after valid (as `denoise`'s; a
     truncated step's guidance_scale of 1 already selects the conditional output, so one third scale serves).
+    Builds with guidance_renorm: x and noise hold the whole token grid ([B, N, 16], [S, B, N, 16]) and renorm
+    [1] f32 is an input (`renormed_step`; >= 1: off, the same numbers as the selected rows alone).
     """
 
     def __init__(self, model: NOVATransformer3DModel, geometry: Geometry, compute_dtype: torch.dtype, steps: int):
@@ -176,14 +216,22 @@ class DenoiseLoopGraph(GraphModule):
     def forward(self, canvas: torch.Tensor, x: torch.Tensor, z_selected: torch.Tensor, timesteps: torch.Tensor,
                 coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
                 guidance_scale: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
-                third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None) -> torch.Tensor:
+                third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None,
+                renorm: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.geometry
         with self.islands():
             condition = self.head.time_cond_embed.condition_proj(z_selected)  # independent of the step: once
             for j in range(self.steps):
-                x = diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timesteps[j:j + 1],
-                                   coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1], third_scale,
-                                   image_guidance)
-        return place_tokens(self.geometry, canvas, x, selected, valid)
+                step = (timesteps[j:j + 1], coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1])
+                if renorm is None:
+                    x = diffusion_step(self.head, g, self.compute_dtype, x, condition, *step, third_scale,
+                                       image_guidance)
+                else:
+                    x = renormed_step(self.head, g, self.compute_dtype, x, selected, valid, condition, *step, renorm,
+                                      third_scale, image_guidance)
+        if renorm is not None:  # the whole grid: the selected tokens' rows
+            x = x.gather(1, selected.unsqueeze(-1).expand(-1, -1, g.token_dim))
+        return place_tokens(g, canvas, x, selected, valid)
 
 
 def _third_pass_inputs(g: Geometry) -> tuple:
@@ -212,13 +260,17 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
     table = SamplerTable.from_config(ctx.configs.scheduler, S)
     clip = table.clip_range if table.clip_range is not None else NO_CLIP
 
+    rows = g.num_tokens if ctx.profile.guidance_renorm else n  # the whole token grid, or the selected rows
+    renorm = (tensor("renorm", "float32", 1),) if ctx.profile.guidance_renorm else ()
+
     def denoise_loop_sample(values: dict[str, int], gen: torch.Generator) -> dict[str, torch.Tensor]:
         adds_noise = torch.tensor([table.draws_noise(j) for j in range(S)]).view(S, 1, 1, 1)
-        return {"canvas": randn((B, *canvas), gen), "x": randn((B, n, td), gen),
+        extra = {"renorm": torch.rand(1, generator=gen) * 0.9 + 0.05} if renorm else {}
+        return {**extra, "canvas": randn((B, *canvas), gen), "x": randn((B, rows, td), gen),
                 "z_selected": randn((M, n, g.width), gen, ctx.dtype(name)),
                 "timesteps": torch.from_numpy(table.timesteps.copy()),
                 "coefficients": torch.from_numpy(table.coefficients.copy()),
-                "clip_range": torch.tensor([float(clip)]), "noise": randn((S, B, n, td), gen) * adds_noise,
+                "clip_range": torch.tensor([float(clip)]), "noise": randn((S, B, rows, td), gen) * adds_noise,
                 "guidance_scale": _step_guidance(S, gen), **_token_window(g, gen), **_third_pass_sample(g, gen)}
 
     return GraphSpec(
@@ -226,14 +278,14 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
         doc=f"A mask step's {S} diffusion steps (denoise, unrolled; z_selected's condition projection once) and "
             "place: one launch per mask step. Requests with another num_diffusion_steps run denoise and place.",
         inputs=(tensor("canvas", "float32", B, *canvas),
-                tensor("x", "float32", B, n, td),  # the initial noise of the selected tokens
+                tensor("x", "float32", B, rows, td),  # the initial noise of the selected tokens (or all)
                 tensor("z_selected", ctx.dtype_name(name), M, n, g.width),
                 tensor("timesteps", "float32", S),  # SamplerTable.timesteps
                 tensor("coefficients", "float32", S, table.coefficients.shape[1]),  # SamplerTable.coefficients
                 tensor("clip_range", "float32", 1),  # SamplerTable.clip_range, or NO_CLIP
-                tensor("noise", "float32", S, B, n, td),  # each step's noise, zeros where the sampler adds none
+                tensor("noise", "float32", S, B, rows, td),  # each step's noise, zeros where the sampler adds none
                 tensor("guidance_scale", "float32", S),  # per diffusion step: guidance_trunc turns it off
-                tensor("selected", "int64", B, n), tensor("valid", "bool", B, n), *_third_pass_inputs(g)),
+                tensor("selected", "int64", B, n), tensor("valid", "bool", B, n), *_third_pass_inputs(g), *renorm),
         outputs=(tensor("canvas_out", "float32", B, *canvas),),
         dims={}, component="transformer", weight_prefixes=("image_decoder.",),
         sources=SOURCES + ("runtime/schedules.py",), sample=denoise_loop_sample,

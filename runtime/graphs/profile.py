@@ -98,6 +98,7 @@ class BuildProfile:
     image_to_video: bool = True  # video checkpoints: also build the VAE encoder
     diffusion_steps: int = 25  # num_diffusion_steps in one launch per mask step (denoise_loop); others: one per step
     third_pass: bool = False  # a third guidance block: image_guidance_scale and spatiotemporal_guidance_scale
+    guidance_renorm: bool = False  # denoise_loop over the whole token grid: guidance_renorm's per-sample norms
 
     def __post_init__(self):
         for name in ("prompts", "images_per_prompt", "min_mask_steps", "diffusion_steps"):
@@ -110,6 +111,8 @@ class BuildProfile:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.third_pass and not self.cfg:
             raise ValueError("the third guidance pass needs classifier-free guidance (cfg)")
+        if self.guidance_renorm and not self.cfg:
+            raise ValueError("guidance_renorm needs classifier-free guidance (cfg)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
