@@ -24,7 +24,8 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 CONFIGS_DIR = "configs"
 FORMAT = 6  # 3: BuildProfile.diffusion_steps and the denoise_loop graph; 4: guidance per diffusion step;
-# 5: guidance row blocks (Geometry.blocks) and the third-pass inputs
+# 5: guidance row blocks (Geometry.blocks) and the third-pass inputs; 6: BuildProfile.guidance_renorm (the
+# whole-grid denoise_loop)
 REBUILD = "rebuild with export/build_engines.py"
 
 
