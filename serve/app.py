@@ -22,6 +22,8 @@ import base64
 import contextlib
 import io
 import json
+import math
+import os
 import re
 import tempfile
 import threading
@@ -178,10 +180,10 @@ class NOVAModel:
                 "min_mask_steps": profile.min_mask_steps, "max_latent_length": g.max_latent_length}
 
     def stats(self) -> dict[str, int]:
-        """This replica's counts since it started (requests served, runner calls made) and the requests
-        waiting for the runner now."""
+        """This replica's counts since it started (requests served, runner calls made), the requests waiting
+        for the runner now, and its process id (benchmarks/serve.py follows its memory)."""
         with self._counting:
-            return dict(self.counts)
+            return {**self.counts, "pid": os.getpid()}
 
     def _count(self, name: str, change: int = 1) -> None:
         with self._counting:
@@ -324,7 +326,7 @@ def _failure(error: BaseException) -> JSONResponse:
         return _error(504, str(cause))
     if isinstance(cause, BackPressureError):
         return _error(cause.status_code, "every replica of this model is busy and its queue is full; retry later",
-                      {"Retry-After": str(cause.retry_after_s)})
+                      {"Retry-After": str(math.ceil(cause.retry_after_s))})
     if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
         return _error(503, UNAVAILABLE)
     raise error
