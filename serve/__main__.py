@@ -120,12 +120,12 @@ def _serve(args: argparse.Namespace) -> int:
         ray.init()
     else:
         ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
+    _on_signals(_stop)  # Ray installs handlers of its own
+    problem = unschedulable(ray.cluster_resources(), len(args.engines), args.replicas, args.num_cpus, args.num_gpus)
+    if problem:
+        ray.shutdown()
+        return _refuse(problem)
     try:
-        _on_signals(_stop)  # Ray installs handlers of its own
-        problem = unschedulable(ray.cluster_resources(), len(args.engines), args.replicas, args.num_cpus,
-                                args.num_gpus)
-        if problem:
-            return _refuse(problem)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="nova", route_prefix="/", blocking=False)
         node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())

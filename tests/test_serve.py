@@ -25,8 +25,9 @@ from runtime.media import read_mp4, write_mp4
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
 TIMEOUT = 60  # seconds, any one HTTP exchange
-# a long but legal image request: 16 mask steps of ~0.7 s each (2000 diffusion steps) on the tiny engines
-LONG = {"num_inference_steps": 16, "num_diffusion_steps": 2000}
+# a long but legal image request on the tiny engines (16 tokens): ~10 s on an idle machine, in 16 mask steps of
+# ~0.6 s (1000 diffusion steps, the cap); 2-4x that when the 2 cores are shared
+LONG = {"num_inference_steps": 16, "num_diffusion_steps": 1000}
 TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4, deadlines_s={"image": 6.0, "video": 60.0})
 
 
@@ -302,7 +303,7 @@ def _timed_post(url: str, body: dict, **kwargs):
 
 
 def test_disconnected_client_frees_the_replica_within_a_mask_step(server, image_runner):
-    """A long request (~11 s) whose client gives up after 1.5 s stops at its next mask step: the next request
+    """A long request (~10 s) whose client gives up after 1.5 s stops at its next mask step: the next request
     (~0.3 s alone) is answered long before the abandoned one would have ended, with its exact pixels."""
     import requests
 
@@ -310,7 +311,7 @@ def test_disconnected_client_frees_the_replica_within_a_mask_step(server, image_
         post(f"{server}/v1/images", {"prompt": "abandoned", "seed": 1, **LONG}, timeout=1.5)
     response, seconds = _timed_post(f"{server}/v1/images", {"prompt": "next", "seed": 2, **STEPS})
     assert response.status_code == 200
-    assert seconds < 2.5, f"the next request took {seconds:.1f} s"  # a mask step of the long one is ~0.7 s
+    assert seconds < 4, f"the next request took {seconds:.1f} s"  # at most a mask step of the long one, and its own
     np.testing.assert_array_equal(png(response.content), image_runner("next", seed=2, **STEPS).images[0])
 
 
@@ -330,14 +331,14 @@ def test_closed_stream_stops_its_generation(server, t2v9):
 
 
 def test_deadline_gives_504_and_frees_the_replica(cluster, image_runner):
-    """The tight app's 6 s image deadline: a ~11 s request gets 504 at its deadline (within a mask step), and
+    """The tight app's 6 s image deadline: a ~10 s request gets 504 at its deadline (within a mask step), and
     the next one is served at once."""
     url = f"{cluster['tight']}/v1/images"
     response, seconds = _timed_post(url, {"prompt": "too long", "seed": 1, **LONG})
     assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
-    assert 6 <= seconds < 8, f"504 after {seconds:.1f} s"
+    assert 6 <= seconds < 9, f"504 after {seconds:.1f} s"
     response, seconds = _timed_post(url, {"prompt": "next", "seed": 2, **STEPS})
-    assert response.status_code == 200 and seconds < 1.5, (response.status_code, seconds)
+    assert response.status_code == 200 and seconds < 3, (response.status_code, seconds)
     np.testing.assert_array_equal(png(response.content), image_runner("next", seed=2, **STEPS).images[0])
 
 
@@ -361,7 +362,6 @@ def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner
             time.sleep(0.01)
         excess = [future.result(timeout=TIMEOUT) for future in excess]
         accepted = [future.result(timeout=TIMEOUT)[0] for future in accepted]
-    print("excess latencies", [round(seconds, 3) for _, seconds in excess])
     for response, seconds in excess:
         assert response.status_code == 503 and "queue is full" in response.json()["error"], response.text
         assert response.headers["Retry-After"] == "1" and seconds < 0.1, (response.headers, seconds)
