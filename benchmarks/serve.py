@@ -79,9 +79,10 @@ def engine_folder(args) -> Path:
     if args.engines:
         return Path(args.engines)
     from export.build import BuildOptions, build
+    from runtime.checkpoint import resolve_checkpoint
     from runtime.graphs.profile import BuildProfile
 
-    checkpoint = common.resolve_checkpoint(None, args.variant)
+    checkpoint = resolve_checkpoint(None, args.variant, specs=common.bench_variants(), root=common.CHECKPOINT_ROOT)
     out = args.engines_root / f"bench-serve-{args.variant}-b{args.batch}"
     build(BuildOptions(checkpoint=checkpoint, out=out, precision="fp32", progress=False,
                        profile=BuildProfile(prompts=args.batch, min_mask_steps=min(args.steps, 64))),

@@ -120,11 +120,12 @@ def _batchable(options: dict) -> bool:
 
 class _Caller:
     """One request in a replica: its options, its deadline (a `time.time()` instant: the ingress sets it in
-    another process) and the runner call it joined."""
+    another process), the runner call it joined, and whether it still waits for the runner (queue depth)."""
 
     def __init__(self, options: dict, deadline: float):
         self.options, self.deadline = options, deadline
         self.call: _Call | None = None
+        self.waiting = False
 
     def leave(self) -> None:
         """The client went away (Ray Serve cancelled the request)."""
@@ -134,10 +135,10 @@ class _Caller:
 
 class _Call:
     """A runner call for one or more callers. Its stop signal is set once every caller has left, and its
-    deadline is the latest caller's; `started` once the runner takes it."""
+    deadline is the latest caller's."""
 
     def __init__(self, callers: list[_Caller]):
-        self.callers, self.present, self.started = callers, set(callers), False
+        self.callers, self.present = callers, set(callers)
         self.cancel = threading.Event()
         latest = max(caller.deadline for caller in callers)
         self.stop = StopSignal(self.cancel, time.monotonic() + latest - time.time())
@@ -163,7 +164,7 @@ class NOVAModel:
         self.folder = Path(folder)
         self.runner = NOVARunner.from_engines(self.folder, backend=backend, device=device)
         self.counts = {"requests": 0, "runner_calls": 0, "waiting": 0}
-        self._counting = threading.Lock()  # runner calls are counted in worker threads
+        self._counting = threading.Lock()  # counted in the event loop and in worker threads
         self._turn = threading.Lock()  # one runner call at a time: the others wait here, counted as waiting
         self._queue_depth = metrics.Gauge("nova_queue_depth", "requests a replica holds that wait for the runner",
                                           tag_keys=("model",))
@@ -185,32 +186,38 @@ class NOVAModel:
         with self._counting:
             return {**self.counts, "pid": os.getpid()}
 
-    def _count(self, name: str, change: int = 1) -> None:
+    def _count(self, name: str) -> None:
         with self._counting:
-            self.counts[name] += change
-            if name == "waiting":
-                self._queue_depth.set(self.counts["waiting"])
+            self.counts[name] += 1
+
+    def _wait(self, callers: list[_Caller], waiting: bool) -> None:
+        """Callers start or stop waiting for the runner: on arrival; when their call starts or they leave, whichever
+        comes first."""
+        with self._counting:
+            for caller in callers:
+                if caller.waiting != waiting:
+                    caller.waiting = waiting
+                    self.counts["waiting"] += 1 if waiting else -1
+            self._queue_depth.set(self.counts["waiting"])
 
     @contextlib.contextmanager
     def _held(self, caller: _Caller):
         """A request from arrival to answer; it waits until its runner call starts (or it leaves)."""
         self._count("requests")
-        self._count("waiting")
+        self._wait([caller], True)
         try:
             yield
         except asyncio.CancelledError:
             caller.leave()
             raise
         finally:
-            if caller.call is None or not caller.call.started:
-                self._count("waiting", -1)
+            self._wait([caller], False)
 
     @contextlib.contextmanager
     def _running(self, call: _Call):
         """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`."""
         with self._turn:
-            call.started = True
-            self._count("waiting", -len(call.callers))
+            self._wait(call.callers, False)
             call.stop.check()  # its clients left, or its deadline passed, while it waited: no work at all
             self._count("runner_calls")
             try:
