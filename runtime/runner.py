@@ -177,11 +177,11 @@ class NOVARunner:
         asked for until the generator ends, is closed, or is dropped."""
         plan, draws = self._plan(prompt, options), draws or self._draws(seed, generator)
 
-        def frames() -> Iterator[np.ndarray]:
+        def chunks() -> Iterator[np.ndarray]:
             with self._lock:
                 yield from self._generate(plan, draws, _Timer(self.backend, False), stop, False)
 
-        return frames()
+        return chunks()
 
     def describe_build(self) -> str:
         return self.build.describe()
