@@ -217,7 +217,7 @@ class NOVARunner:
         """Yield decoded pixels as they become decodable (unless not `decode`); -> the latents [B, C, T, h, w]."""
         g, request, upload = self.geometry, plan.request, self.backend.upload
         stop.check()
-        generated_count = request.max_latent_length  # frames of the temporal loop (a prefilled one is frame 0)
+        loop_latents = request.max_latent_length  # latent frames of the temporal loop (a prefilled one is frame 0)
         loop = diffusion_loop(self.backend, self.build, request.guidance, plan.sampler, request.batch,
                               self._draw_dtype)
         # 1. text: Phi-2 features (+ motion flow) per guidance row; raw_bos of three-block builds
@@ -227,10 +227,10 @@ class NOVARunner:
         # 2. prefilled frames (image-to-video's image, or given latents): the last is frame 0, all are output
         prefilled = self._prefilled(request, draws, timer)
         latents = prefilled[:-1]  # the output: the prefilled frames, then the generated ones
-        decoder = Decoder(self.backend, self.configs.video_vae, len(latents) + generated_count, request.batch,
+        decoder = Decoder(self.backend, self.configs.video_vae, len(latents) + loop_latents, request.batch,
                           timer.stage, stop)
         # 3. temporal prefill: frame 0's indicator (the anchor of every later frame) and the KV cache
-        position = frame_position(0, generated_count, g.base_t)
+        position = frame_position(0, loop_latents, g.base_t)
         with timer.stage("temporal"):
             out = self.backend.run("temporal_prefill", {k: upload(v) for k, v in
                                                         {**prefill, "frame_position": position}.items()} | rows)
@@ -238,12 +238,12 @@ class NOVARunner:
         cache = (out.get("k_cache"), out.get("v_cache"))
 
         mask_steps = None  # the token order is drawn with the first generated frame, as the reference
-        with tqdm(total=(generated_count - bool(prefilled)) * len(plan.schedule), unit="step", desc="mask steps",
+        with tqdm(total=(loop_latents - bool(prefilled)) * len(plan.schedule), unit="step", desc="mask steps",
                   disable=not progress, leave=False) as bar:
-            for t in range(generated_count):
+            for t in range(loop_latents):
                 # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
-                    indicator, cache = self._temporal_step(t, generated_count, latents[-1], cache, anchor, rows,
+                    indicator, cache = self._temporal_step(t, loop_latents, latents[-1], cache, anchor, rows,
                                                            timer)
                 # 5. the frame, set by set (or the last prefilled one)
                 if t == 0 and prefilled:
@@ -292,13 +292,13 @@ class NOVARunner:
                                                   "noise": backend.upload(noise)})["latent"]
         return np.repeat(backend.download(encoded), g.batch, axis=0)
 
-    def _temporal_step(self, t: int, generated_count: int, previous: np.ndarray, cache: tuple, anchor, rows: dict,
+    def _temporal_step(self, t: int, loop_latents: int, previous: np.ndarray, cache: tuple, anchor, rows: dict,
                        timer: _Timer):
         """Frame t >= 1 of the temporal encoder (rows: the uploaded raw_bos, if any). -> (indicator, (k_cache,
         v_cache))."""
         g, upload = self.geometry, self.backend.upload
         inputs = {**rows, "prev_latent": upload(previous),
-                  "frame_position": upload(frame_position(t, generated_count, g.base_t)),
+                  "frame_position": upload(frame_position(t, loop_latents, g.base_t)),
                   "k_cache": cache[0], "v_cache": cache[1],
                   "cache_length": upload(np.array([g.condition_len + t * g.num_video_tokens], np.int64))}
         if g.has_mixer:
