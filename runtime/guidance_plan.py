@@ -80,7 +80,9 @@ class GuidancePlan:
 
     def raw_bos(self, blocks: int, batch: int) -> np.ndarray:
         """The temporal graphs' raw_bos [blocks * batch] bool: true on the rows of `raw_bos_block`."""
-        return np.arange(blocks * batch) // batch == (self.raw_bos_block if self.raw_bos_block is not None else -1)
+        if self.raw_bos_block is None:
+            return np.zeros(blocks * batch, bool)
+        return np.arange(blocks * batch) // batch == self.raw_bos_block
 
     def guided_steps(self, timesteps: np.ndarray) -> np.ndarray:
         """[S] bool: whether guidance runs at each diffusion step of a mask step. guidance_trunc turns it off
