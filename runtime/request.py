@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from runtime.guidance_plan import GuidancePlan
 from runtime.images import fit_image
 
 MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
@@ -50,23 +51,23 @@ class Request:
         return self.num_prompts * self.num_images_per_prompt
 
     @property
+    def guidance(self) -> GuidancePlan:
+        return GuidancePlan.of(self)
+
+    @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1
+        return self.guidance.guided
 
     @property
     def guidance_passes(self) -> int:
-        """Transformer rows per sample: 1; 2 with classifier-free guidance; 3 with the image or the
-        spatiotemporal guidance pass."""
-        if not self.guided:
-            return 1
-        return 3 if self.image_guidance_scale or self.spatiotemporal_guidance_scale else 2
+        """Transformer rows per sample (`GuidancePlan.passes`)."""
+        return self.guidance.passes
 
     @property
     def extra_options(self) -> tuple[str, ...]:
         """The official HEAD options this request uses that change the generation loop, in signature order.
         flow_shift is not one: it only changes the sampler table. trunc and renorm do nothing unguided."""
-        used = {"guidance_trunc": self.guided and self.guidance_trunc > 0,
-                "guidance_renorm": self.guided and self.guidance_renorm < 1,
+        used = {"guidance_trunc": self.guidance.truncated, "guidance_renorm": self.guidance.renormed,
                 "image_guidance_scale": self.image_guidance_scale > 0,
                 "spatiotemporal_guidance_scale": self.spatiotemporal_guidance_scale > 0,
                 "latents": self.latents is not None}

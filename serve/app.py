@@ -175,10 +175,10 @@ class NOVAModel:
 
     def describe(self) -> dict[str, Any]:
         """What the engines were built for (GET /v1/models)."""
-        g, profile = self.runner.geometry, self.runner.profile
+        g = self.runner.geometry
         return {"id": model_id(self.folder), "kind": "video" if g.has_motion else "image",
                 "build": self.runner.describe_build(), "batch": g.batch, "cfg": g.cfg,
-                "min_mask_steps": profile.min_mask_steps, "max_latent_length": g.max_latent_length}
+                "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
     def stats(self) -> dict[str, int]:
         """This replica's counts since it started (requests served, runner calls made), the requests waiting

@@ -85,6 +85,13 @@ def max_tokens_per_step(num_tokens: int, min_steps: int) -> int:
     return min(num_tokens, max(2, max(mask_schedule(num_tokens, min_steps))))
 
 
+def fewest_mask_steps(num_tokens: int, max_tokens_per_step: int) -> int:
+    """The fewest mask steps whose schedule predicts at most `max_tokens_per_step` tokens in any step (more
+    steps never predict more in one: see `max_tokens_per_step`)."""
+    return next((k for k in range(1, num_tokens + 1) if max(mask_schedule(num_tokens, k)) <= max_tokens_per_step),
+                num_tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildProfile:
     """What one set of engines serves. Every static shape of every graph follows from it."""
@@ -93,7 +100,7 @@ class BuildProfile:
     images_per_prompt: int = 1
     cfg: bool = True  # classifier-free guidance batch (guidance_scale > 1)
     max_latent_length: int | None = None  # latent frames (KV capacity); None: 1 for images, 9 for video
-    min_mask_steps: int = 64  # fewest num_inference_steps a request may use (sets tokens per step)
+    min_mask_steps: int = 64  # sets tokens per step: those of this step count's schedule (fewer steps may fit too)
     max_tokens_per_step: int | None = None  # overrides the value derived from min_mask_steps
     image_to_video: bool = True  # video checkpoints: also build the VAE encoder
     diffusion_steps: int = 25  # num_diffusion_steps in one launch per mask step (denoise_loop); others: one per step
