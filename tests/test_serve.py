@@ -350,8 +350,8 @@ def test_deadline_gives_504_and_frees_the_replica(server, t2v9):
 def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner):
     """Four times the tight app's queue bound (4) at once: 8 requests fill it (4 held by the replica, 4 queued;
     sent 50 ms apart, as Ray's router rejects some of a simultaneous burst that would fit), then 8 more, sent
-    while those run, get 503 with Retry-After within 100 ms each, and every accepted request gets its direct
-    call's exact pixels."""
+    while those run, get 503 with Retry-After within 100 ms each (or 3x a 404's time on a loaded machine), and
+    every accepted request gets its direct call's exact pixels."""
     held, queued = TIGHT["max_ongoing_requests"], TIGHT["max_queued_requests"]
     steps = {"num_inference_steps": 16, "num_diffusion_steps": 200}  # two batches of ~1 s: the queue stays full
     fill = [{"prompt": f"crowd {i % 4}", "seed": 200 + i, **steps} for i in range(held + queued)]
@@ -361,6 +361,8 @@ def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner
         for body in fill:
             accepted.append(pool.submit(_timed_post, url, body))
             time.sleep(0.05)
+        # what the proxy and the ingress alone take to answer now (404: no replica involved); the machine is shared
+        alone = sorted(_timed_post(url, {"prompt": "x", "model": "nope"})[1] for _ in range(3))[1]
         excess = []
         for i in range(4 * queued - len(fill)):  # 25 ms apart: a loaded 2-core machine answers ~50 refusals/s
             excess.append(pool.submit(_timed_post, url, {"prompt": "one too many", "seed": i, **steps}))
@@ -369,7 +371,10 @@ def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner
         accepted = [future.result(timeout=TIMEOUT)[0] for future in accepted]
     for response, seconds in excess:
         assert response.status_code == 503 and "queue is full" in response.json()["error"], response.text
-        assert response.headers["Retry-After"] == "1" and seconds < 0.1, (response.headers, seconds)
+        # at once: within 100 ms, or within 3x a 404's time when other work slows the machine; a refused request
+        # that waited for the queue would take a batch (~1 s)
+        assert response.headers["Retry-After"] == "1" and seconds < max(0.1, 3 * alone), (response.headers, seconds,
+                                                                                          alone)
     assert [response.status_code for response in accepted] == [200] * len(fill)
     # the direct calls, four rows at a time: a row of PerRowDraws is its call of its own (the first test)
     for start in range(0, len(fill), 4):
