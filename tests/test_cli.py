@@ -89,6 +89,14 @@ def test_flags_are_named_like_the_options_with_the_short_forms_as_aliases():
                                                  motion_flow=2.0, image=None)
 
 
+def test_the_build_capacity_flags_read_as_capacities_with_the_old_spellings_as_aliases():
+    new = build_engines.parser().parse_args(["--latent-capacity", "9", "--loop-diffusion-steps", "4"])
+    old = build_engines.parser().parse_args(["--max-latent-length", "9", "--diffusion-steps", "4"])
+    assert new == old and (new.latent_capacity, new.loop_diffusion_steps) == (9, 4)
+    defaults = build_engines.parser().parse_args([])
+    assert (defaults.latent_capacity, defaults.loop_diffusion_steps, defaults.min_mask_steps) == (None, 25, 64)
+
+
 def test_the_cli_takes_every_number_option_of_the_api():
     args = cli.parser().parse_args(["reference", "--synthetic", "tiny-t2i", "--prompt", "p", "--out", "o.png",
                                     "--num-images-per-prompt", "2", "--guidance-trunc", "0.5", "--flow-shift", "3",

@@ -1,11 +1,42 @@
-"""The architecture as the layout states it: the runtime never imports the build, and no module of
-either imports itself back through others (read from the source, nothing is imported)."""
+"""The architecture as the layout states it: the runtime never imports the build, no module of either
+imports itself back through others, and the core needs no torch (read from the source, nothing is
+imported; one test then imports the core with torch blocked)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtime", "export")
+
+# The torch-free core: what a TensorRT or ONNX Runtime deployment runs, needing only numpy, PIL, PyAV,
+# tokenizers and the backend's own library.
+CORE = ("runtime", "runtime.__main__", "runtime.backends", "runtime.backends.base", "runtime.backends.cuda_graphs",
+        "runtime.backends.onnxruntime_backend", "runtime.backends.tensorrt_backend", "runtime.cancellation",
+        "runtime.cli", "runtime.configs", "runtime.draws", "runtime.engine_folder", "runtime.files", "runtime.graphs",
+        "runtime.graphs.profile", "runtime.images", "runtime.media", "runtime.model.config", "runtime.options",
+        "runtime.request", "runtime.runner", "runtime.schedules", "runtime.tokenizer", "runtime.variants")
+# The torch layer: the modules, the graphs and their declarations, weights, the eager reference, the build.
+TORCH_LAYER = ("runtime.backends.torch_backend", "runtime.checkpoint", "runtime.graphs.common",
+               "runtime.graphs.contract", "runtime.graphs.denoise", "runtime.graphs.spatial", "runtime.graphs.specs",
+               "runtime.graphs.temporal", "runtime.graphs.text_encoder", "runtime.graphs.vae", "runtime.guidance",
+               "runtime.model", "runtime.model.kv_cache", "runtime.model.text_encoder", "runtime.model.transformer",
+               "runtime.model.vae", "runtime.model.vae_opensora", "runtime.reference", "export", "export.build",
+               "export.build_engines", "export.manifest", "export.onnx_export", "export.tensorrt_build",
+               "export.validate")
+# Core -> torch edges that are deliberate: each is an optional use, taken only where torch is installed.
+TORCH_ALLOWED = {
+    ("runtime.__main__", "runtime.checkpoint"): "the reference and synth commands load or write weights",
+    ("runtime.__main__", "runtime.reference"): "the reference command runs the eager pipeline",
+    ("runtime.__main__", "torch"): "the reference command seeds a torch.Generator and sets torch's threads",
+    ("runtime.draws", "torch"): "RandomDraws: torch.Generator draws, the reference's numbers (NumpyDraws without torch)",
+    ("runtime.runner", "torch"): "seeded draws from torch.Generator where torch is installed (else numpy's)",
+    ("runtime.runner", "runtime.backends.torch_backend"): "backend='torch' runs the graphs' torch modules",
+    ("runtime.runner", "runtime.graphs.specs"): "backend='torch' builds the graphs' torch modules",
+    ("runtime.schedules", "torch"): "torch's float32 sqrt and linspace where installed (bit-equal to diffusers); "
+                                    "SamplerTable.step updates the reference's tensors",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -17,20 +48,32 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Every import of each module (top level or inside functions) of another module of ours."""
-    edges = {name: set() for name in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
-                targets = submodules or {node.module}  # `from package import submodule` imports the submodule
-            elif isinstance(node, ast.Import):
-                targets = {a.name for a in node.names}
-            else:
-                continue
-            edges[name] |= (targets & modules.keys()) - {name}
-    return edges
+def _nodes(tree: ast.AST):
+    """Every node that runs: all of them but the bodies of `if TYPE_CHECKING:`."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in (child, *_nodes(child)))
+            continue
+        yield node
+        yield from _nodes(node)
+
+
+def _imported(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every module a file imports (top level or inside functions): ours by module name, others as written."""
+    found = set()
+    for node in _nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            found |= submodules or {node.module}  # `from package import submodule` imports the submodule
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def _imports(modules: dict[str, Path], external: bool = False) -> dict[str, set[str]]:
+    """Each module's imports of another module of ours (and, if `external`, of everything else)."""
+    edges = {name: _imported(path, modules) - {name} for name, path in modules.items()}
+    return edges if external else {name: targets & modules.keys() for name, targets in edges.items()}
 
 
 def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -67,3 +110,53 @@ def test_no_import_cycle():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def _is_torch(name: str) -> bool:
+    return name.split(".")[0] == "torch" or name.endswith(".torch")  # torch itself, or a library's torch part
+
+
+def _torch_paths(edges: dict[str, set[str]], core: tuple[str, ...], allowed) -> list[list[str]]:
+    """Each path by which a core module reaches torch or the torch layer (a module outside `core`),
+    following imports through core modules, except the allowed edges."""
+    paths = []
+    for start in core:
+        seen, stack = {start}, [[start]]
+        while stack:
+            path = stack.pop()
+            for target in sorted(edges.get(path[-1], ())):
+                if (path[-1], target) in allowed or target in seen:
+                    continue
+                if _is_torch(target) or (target in edges and target not in core):
+                    paths.append(path + [target])
+                elif target in core:
+                    seen.add(target)
+                    stack.append(path + [target])
+    return paths
+
+
+def test_every_module_is_in_the_core_or_the_torch_layer():
+    modules = set(_modules())
+    assert sorted(modules - set(CORE) - set(TORCH_LAYER)) == []
+    assert set(CORE) & set(TORCH_LAYER) == set() and set(CORE) | set(TORCH_LAYER) <= modules
+
+
+def test_the_core_imports_no_torch():
+    edges = _imports(_modules(), external=True)
+    assert "torch" in edges["runtime.reference"]  # the reader sees torch imports at all
+    assert [" -> ".join(path) for path in _torch_paths(edges, CORE, TORCH_ALLOWED)] == []
+    used = {(m, t) for m, targets in edges.items() for t in targets}
+    assert sorted(set(TORCH_ALLOWED) - used) == []  # no stale allowance
+
+
+def test_the_torch_finder_follows_imports_through_the_core():
+    edges = {"a": {"b", "numpy"}, "b": {"c"}, "c": {"torch.nn"}, "d": {"e"}, "e": {"safetensors.torch"}}
+    assert _torch_paths(edges, ("a", "b", "c", "d"), {}) == [["a", "b", "c", "torch.nn"], ["b", "c", "torch.nn"],
+                                                             ["c", "torch.nn"], ["d", "e"]]
+    assert _torch_paths(edges, ("a", "b", "c"), {("b", "c"): "why"}) == [["c", "torch.nn"]]
+
+
+def test_the_core_imports_with_torch_blocked():
+    blocked = "import sys; sys.modules['torch'] = None\n" + "\n".join(f"import {m}" for m in CORE)
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
