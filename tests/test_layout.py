@@ -2,13 +2,13 @@
 imports itself back through others, and the core needs no torch (read from the source, nothing is
 imported; one test then imports the core with torch blocked)."""
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
+from runtime.sources import imported, module_paths
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("runtime", "export")
 
 # The torch-free core: what a TensorRT or ONNX Runtime deployment runs, needing only numpy, PIL, PyAV,
 # tokenizers and the backend's own library.
@@ -16,7 +16,8 @@ CORE = ("runtime", "runtime.__main__", "runtime.backends", "runtime.backends.bas
         "runtime.backends.onnxruntime_backend", "runtime.backends.tensorrt_backend", "runtime.cancellation",
         "runtime.cli", "runtime.configs", "runtime.draws", "runtime.engine_folder", "runtime.files", "runtime.graphs",
         "runtime.graphs.profile", "runtime.images", "runtime.media", "runtime.model.config", "runtime.options",
-        "runtime.request", "runtime.runner", "runtime.schedules", "runtime.tokenizer", "runtime.variants")
+        "runtime.request", "runtime.runner", "runtime.schedules", "runtime.sources", "runtime.tokenizer",
+        "runtime.variants")
 # The torch layer: the modules, the graphs and their declarations, weights, the eager reference, the build.
 TORCH_LAYER = ("runtime.backends.torch_backend", "runtime.checkpoint", "runtime.graphs.common",
                "runtime.graphs.contract", "runtime.graphs.denoise", "runtime.graphs.spatial", "runtime.graphs.specs",
@@ -30,7 +31,7 @@ TORCH_ALLOWED = {
     ("runtime.__main__", "runtime.checkpoint"): "the reference and synth commands load or write weights",
     ("runtime.__main__", "runtime.reference"): "the reference command runs the eager pipeline",
     ("runtime.__main__", "torch"): "the reference command seeds a torch.Generator and sets torch's threads",
-    ("runtime.draws", "torch"): "RandomDraws: torch.Generator draws, the reference's numbers (NumpyDraws without torch)",
+    ("runtime.draws", "torch"): "RandomDraws: torch.Generator draws, the reference's numbers (else NumpyDraws)",
     ("runtime.runner", "torch"): "seeded draws from torch.Generator where torch is installed (else numpy's)",
     ("runtime.runner", "runtime.backends.torch_backend"): "backend='torch' runs the graphs' torch modules",
     ("runtime.runner", "runtime.graphs.specs"): "backend='torch' builds the graphs' torch modules",
@@ -39,40 +40,10 @@ TORCH_ALLOWED = {
 }
 
 
-def _modules() -> dict[str, Path]:
-    found = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-            found[name.removesuffix(".__init__")] = path
-    return found
-
-
-def _nodes(tree: ast.AST):
-    """Every node that runs: all of them but the bodies of `if TYPE_CHECKING:`."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in (child, *_nodes(child)))
-            continue
-        yield node
-        yield from _nodes(node)
-
-
-def _imported(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Every module a file imports (top level or inside functions): ours by module name, others as written."""
-    found = set()
-    for node in _nodes(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
-            found |= submodules or {node.module}  # `from package import submodule` imports the submodule
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-    return found
-
-
 def _imports(modules: dict[str, Path], external: bool = False) -> dict[str, set[str]]:
-    """Each module's imports of another module of ours (and, if `external`, of everything else)."""
-    edges = {name: _imported(path, modules) - {name} for name, path in modules.items()}
+    """Each module's imports (top level or inside functions) of another module of ours (and, if `external`,
+    of everything else)."""
+    edges = {name: imported(path, modules) - {name} for name, path in modules.items()}
     return edges if external else {name: targets & modules.keys() for name, targets in edges.items()}
 
 
@@ -97,7 +68,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_runtime_does_not_import_the_build():
-    edges = _imports(_modules())
+    edges = _imports(module_paths(ROOT))
     assert edges["runtime.runner"] and edges["export.build"]  # the reader sees imports at all
     wrong = sorted(f"{m} -> {t}" for m, targets in edges.items() if m.startswith("runtime") for t in targets
                    if t.startswith("export"))
@@ -105,7 +76,7 @@ def test_the_runtime_does_not_import_the_build():
 
 
 def test_no_import_cycle():
-    assert _cycle(_imports(_modules())) is None
+    assert _cycle(_imports(module_paths(ROOT))) is None
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -136,13 +107,13 @@ def _torch_paths(edges: dict[str, set[str]], core: tuple[str, ...], allowed) -> 
 
 
 def test_every_module_is_in_the_core_or_the_torch_layer():
-    modules = set(_modules())
+    modules = set(module_paths(ROOT))
     assert sorted(modules - set(CORE) - set(TORCH_LAYER)) == []
     assert set(CORE) & set(TORCH_LAYER) == set() and set(CORE) | set(TORCH_LAYER) <= modules
 
 
 def test_the_core_imports_no_torch():
-    edges = _imports(_modules(), external=True)
+    edges = _imports(module_paths(ROOT), external=True)
     assert "torch" in edges["runtime.reference"]  # the reader sees torch imports at all
     assert [" -> ".join(path) for path in _torch_paths(edges, CORE, TORCH_ALLOWED)] == []
     used = {(m, t) for m, targets in edges.items() for t in targets}

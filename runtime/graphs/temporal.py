@@ -11,7 +11,7 @@ from runtime.graphs.contract import GraphContext, GraphSpec, randint, randn, sou
 from runtime.graphs.profile import Geometry, frame_position
 from runtime.model.transformer import NOVATransformer3DModel
 
-SOURCES = sources("runtime/graphs/temporal.py", "runtime/model/transformer.py", "runtime/model/config.py")
+SOURCES = sources(__name__)
 
 
 class _RecordingCache:
