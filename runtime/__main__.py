@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -28,7 +28,7 @@ from runtime.cli import HelpFormatter, add_version, positive_int, progress_strea
 from runtime.configs import CheckpointError, transformer_config
 from runtime.engine_folder import CONFIGS_DIR
 from runtime.media import write_mp4, write_png, write_strip
-from runtime.options import FPS, OPTIONS, SEED, Option
+from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
 from runtime.request import validate_request
 from runtime.variants import SYNTHETIC_ROOT, VARIANT_NAMES
 
@@ -66,7 +66,7 @@ def save_output(pixels: np.ndarray, out: Path, fps: int) -> list[Path]:
     return written
 
 
-def _checked(option: Option):
+def _checked(option: Option) -> Callable[[str], Any]:
     """An argparse type: the option's own range check, so a flag error reads like the request's."""
     def check(text: str):
         try:
@@ -87,7 +87,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                      help="an image of any size (centre-cropped and resized to the model resolution, as the "
                           "official demo does): image-to-video from this first frame")
     gen.add_argument(SEED.flag, type=_checked(SEED), default=0, metavar="N",
-                     help=f"{SEED.help}, {SEED.minimum} <= N < 2**64")
+                     help=f"{SEED.help}, {SEED.minimum} <= N < 2**{SEED_LIMIT.bit_length() - 1}")
     gen.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
                      help="intra-op threads of torch (reference) and ONNX Runtime (generate); default: the CPUs "
                           f"this process may run on ({DEFAULT_THREADS} here)")

@@ -6,11 +6,13 @@ Shared by the reference pipeline and the runner; it needs neither torch nor a ba
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
 
 from runtime.images import fit_image
+from runtime.model.config import NOVAConfig
 from runtime.options import DEFAULT_MOTION_FLOW, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, OPTIONS
 
 
@@ -120,7 +122,7 @@ def _latent_frames(value, shape: tuple[int, ...]) -> list:
     return list(value)
 
 
-def validate_request(config, prompt=None, **options) -> Request:
+def validate_request(config: NOVAConfig, prompt: str | Sequence[str] | None = None, **options: Any) -> Request:
     """The official pipeline's options with their declared defaults and ranges (`runtime.options`), checked
     against the checkpoint before any work; raise ValueError naming the problem (TypeError for an option
     that does not exist)."""

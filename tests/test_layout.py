@@ -118,6 +118,8 @@ def test_the_core_imports_no_torch():
     assert [" -> ".join(path) for path in _torch_paths(edges, CORE, TORCH_ALLOWED)] == []
     used = {(m, t) for m, targets in edges.items() for t in targets}
     assert sorted(set(TORCH_ALLOWED) - used) == []  # no stale allowance
+    serving = sorted(f"{m} -> {t}" for m in CORE for t in edges[m] if t.split(".")[0] in ("pydantic", "fastapi", "ray"))
+    assert serving == []  # serving's libraries stay in serve/
 
 
 def test_the_torch_finder_follows_imports_through_the_core():
@@ -128,6 +130,7 @@ def test_the_torch_finder_follows_imports_through_the_core():
 
 
 def test_the_core_imports_with_torch_blocked():
-    blocked = "import sys; sys.modules['torch'] = None\n" + "\n".join(f"import {m}" for m in CORE)
+    blocked = "import sys\nfor name in ('torch', 'pydantic'):\n    sys.modules[name] = None\n" + "\n".join(
+        f"import {m}" for m in CORE)
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
