@@ -106,3 +106,14 @@ def test_a_request_at_every_cap_is_valid_and_fits_the_body_limit(video_config):
     body = json.dumps({"model": "m" * 200, "prompt": prompts, **options, "seed": SEED_LIMIT - 1, "fps": 240})
     assert len(body.encode()) <= MAX_REQUEST_BYTES
     VideoRequest.model_validate_json(body)
+
+
+def test_the_reference_signature_spells_the_declared_defaults():
+    """ReferencePipeline.__call__ keeps the official signature (keywords with defaults, as diffusers'
+    pipelines): checked against the declaration, so the copy cannot drift."""
+    import inspect
+
+    from runtime.reference import ReferencePipeline
+
+    parameters = inspect.signature(ReferencePipeline.__call__).parameters
+    assert {name: parameters[name].default for name in OPTIONS} == {n: o.default for n, o in OPTIONS.items()}
