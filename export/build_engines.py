@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.cli import HelpFormatter, add_version, positive_int  # noqa: E402  (torch-free: --help answers at once)
-from runtime.graphs.profile import BuildProfile  # noqa: E402
+from runtime.options import OPTIONS  # noqa: E402
 from runtime.variants import VARIANT_NAMES  # noqa: E402
 
 DEFAULT_SYNTHETIC = "tiny-t2i"
@@ -67,12 +67,12 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--latent-capacity", "--max-latent-length", type=positive_int, default=None, metavar="N",
                       help="KV-cache capacity: the longest max_latent_length a request may use (default: 1 for image "
                            "checkpoints, 9 for video checkpoints)")
-    prof.add_argument("--min-mask-steps", type=positive_int, default=BuildProfile.min_mask_steps,
+    prof.add_argument("--min-mask-steps", type=positive_int, default=OPTIONS["num_inference_steps"].default,
                       help="fewest num_inference_steps a request may use; sets the tokens per mask step")
     prof.add_argument("--max-tokens-per-step", type=positive_int, default=None,
                       help="tokens per mask step, overriding the value derived from --min-mask-steps")
     prof.add_argument("--loop-diffusion-steps", "--diffusion-steps", type=positive_int, metavar="S",
-                      default=BuildProfile.diffusion_steps,
+                      default=OPTIONS["num_diffusion_steps"].default,
                       help="the num_diffusion_steps whose whole diffusion loop is one graph (one launch per mask "
                            "step); requests with another num_diffusion_steps run one launch per diffusion step")
     prof.add_argument("--no-image-to-video", action="store_true", help="video checkpoints: skip the VAE encoder")
@@ -114,6 +114,7 @@ def _build(args: argparse.Namespace) -> int:
     from export.manifest import ManifestError
     from export.onnx_export import ExportError
     from runtime.checkpoint import CheckpointError, resolve_checkpoint
+    from runtime.graphs.profile import BuildProfile
 
     try:
         import torch

@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
+# Only light modules here: PIL, PyAV and the config and request readers load inside the commands, so
+# --help and argument errors answer at once.
 from runtime.cli import HelpFormatter, add_version, positive_int, progress_stream
-from runtime.configs import CheckpointError, transformer_config
-from runtime.engine_folder import CONFIGS_DIR
-from runtime.media import write_mp4, write_png, write_strip
 from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
-from runtime.request import validate_request
 from runtime.variants import SYNTHETIC_ROOT, VARIANT_NAMES
 
 # The options that are flags: the numbers and the negative prompt. --prompt (one string, required) and
@@ -53,6 +50,8 @@ def flag_names(message: str) -> str:
 def save_output(pixels: np.ndarray, out: Path, fps: int) -> list[Path]:
     """One PNG per image, or an mp4 (plus a PNG strip beside it) per video. A one-frame video (a video
     checkpoint asked for one latent frame) is an image: one PNG, the path the request was checked for."""
+    from runtime.media import write_mp4, write_png, write_strip
+
     written = []
     for i, sample in enumerate(pixels):
         path = out if len(pixels) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -100,6 +99,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The request's options as the runner and the reference take them."""
+    from PIL import Image
+
     image = np.asarray(Image.open(args.image).convert("RGB")) if args.image else None
     return {o.name: getattr(args, o.name) for o in FLAG_OPTIONS} | {"image": image}
 
@@ -107,6 +108,8 @@ def _options(args: argparse.Namespace) -> dict:
 def _transformer_config(folder: Path):
     """The config the request is checked against before loading; None where the folder cannot give it
     (loading the folder then says what is wrong with it)."""
+    from runtime.configs import CheckpointError, transformer_config
+
     try:
         return transformer_config(folder)
     except CheckpointError:
@@ -133,6 +136,8 @@ def _check_out(out: Path, video: bool) -> None:
 
 def _check_request(args: argparse.Namespace, options: dict, config) -> None:
     """The request first (the runner's own check, so the same messages), then --out."""
+    from runtime.request import validate_request
+
     if config is not None:
         validate_request(config, args.prompt, **options)
     _check_out(args.out, options["max_latent_length"] > 1)
@@ -153,6 +158,8 @@ def _ort_threads(threads: int) -> Iterator[None]:
 
 
 def _generate(args: argparse.Namespace) -> str:
+    from runtime.engine_folder import CONFIGS_DIR
+
     options = _options(args)
     _check_request(args, options, _transformer_config(Path(args.engines) / CONFIGS_DIR))
 

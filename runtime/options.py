@@ -5,16 +5,15 @@ serves each on the compiled runner. `validate_request` (defaults and ranges), th
 
 Every size a request can choose is capped well above any official use (the official defaults are 64
 mask steps, 25 diffusion steps, one image, 9 latent frames for a video), so an absurd request is refused
-at once instead of running for hours. Torch-free and pydantic-free: the core imports it.
+at once instead of running for hours. Needs nothing beyond the standard library: the command lines' --help and the core import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
-
-import numpy as np
 
 # -- caps on the sizes a request chooses ------------------------------------------------------------------
 MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
@@ -35,9 +34,9 @@ SEED_LIMIT = 2 ** 64  # seeds are 0 <= seed < 2**64 (what torch.Generator.manual
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One option. type: int or float (a number), str (a string or a list of strings), np.ndarray (arrays:
-    images, latents, text features; no command-line flag). None as default means unset; `unset` says
-    what None does. maximum: for str, the characters of each string."""
+    """One option. type: int or float (a number), str (a string or a list of strings), object (arrays:
+    images, latents, text features, checked by `runtime.request`; no command-line flag). None as default
+    means unset; `unset` says what None does. maximum: for str, the characters of each string."""
 
     name: str
     type: type
@@ -66,7 +65,7 @@ class Option:
                 raise ValueError(f"{label} must be an integer >= {self.minimum}, got {value!r}")
             number = int(value)
         else:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{label} must be a finite number, got {value!r}")
             number = float(value)
             if self.minimum is not None and (number <= self.minimum if self.above_minimum else number < self.minimum):
@@ -84,8 +83,8 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            maximum=MAX_PROMPT_CHARS, build_flag="--prompts", metavar="TEXT"),
     Option("negative_prompt", str, None, "what to steer away from: a string or one per prompt",
            maximum=MAX_PROMPT_CHARS, unset="uses the learned null text", metavar="TEXT"),
-    Option("prompt_embeds", np.ndarray, None, "per prompt, [tokens, text_dim] text features instead of prompt"),
-    Option("negative_prompt_embeds", np.ndarray, None, "per prompt, [tokens, text_dim] features of the negative"),
+    Option("prompt_embeds", object, None, "per prompt, [tokens, text_dim] text features instead of prompt"),
+    Option("negative_prompt_embeds", object, None, "per prompt, [tokens, text_dim] features of the negative"),
     Option("num_inference_steps", int, 64, "mask (set-by-set) steps per frame", minimum=1, maximum=MAX_MASK_STEPS,
            build_flag="--min-mask-steps"),
     Option("num_diffusion_steps", int, 25, "denoising steps of the diffusion head per mask step", minimum=1,
@@ -108,9 +107,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "frames", minimum=1, maximum=MAX_LATENT_LENGTH, build_flag="--latent-capacity"),
     Option("motion_flow", float, None, "motion strength of video checkpoints (image checkpoints ignore it)",
            unset=f"means {DEFAULT_MOTION_FLOW:g}", metavar="FLOW"),
-    Option("image", np.ndarray, None, "image-to-video: the first frame, a uint8 [H, W, 3] picture of any size",
+    Option("image", object, None, "image-to-video: the first frame, a uint8 [H, W, 3] picture of any size",
            build_flag="--no-image-to-video"),
-    Option("latents", np.ndarray, None, "prefilled latent frames, each [batch, C, h, w]; the last is frame 0"),
+    Option("latents", object, None, "prefilled latent frames, each [batch, C, h, w]; the last is frame 0"),
     Option("num_images_per_prompt", int, 1, "samples per prompt (rows are prompt-major)", minimum=1,
            maximum=MAX_IMAGES_PER_REQUEST, build_flag="--images-per-prompt"),
 )}
