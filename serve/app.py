@@ -35,7 +35,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application, metrics
@@ -43,41 +42,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from runtime.cancellation import DeadlineExceeded, StopSignal
+from runtime.options import MAX_REQUEST_BYTES
 from serve import defaults
-
-# -- request schemas ---------------------------------------------------------------------------------------
-
-
-class _Options(BaseModel):
-    """Options shared by images and videos: the runner's, under its names. Unknown fields and wrong
-    JSON types are refused (422); values are checked by the runner (400, its one-sentence refusal)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None  # an id of GET /v1/models; default: the only model of the endpoint's kind
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2 ** 64)  # None: a random seed
-    num_inference_steps: int = 64
-    num_diffusion_steps: int = 25
-    guidance_scale: float = 5.0
-    guidance_trunc: float = 0.0  # the official options the compiled runner serves
-    flow_shift: float | None = None
-    num_images_per_prompt: int = 1
-
-
-class ImageRequest(_Options):
-    pass
-
-
-class VideoRequest(_Options):
-    max_latent_length: int = 1
-    motion_flow: float | None = None
-    fps: int = Field(12, ge=1, le=240)
-
-
-RUNNER_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
-                  "guidance_trunc", "flow_shift", "num_images_per_prompt", "max_latent_length", "motion_flow")
+from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
 
 
 class Refused(ValueError):
@@ -314,6 +281,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+@api.middleware("http")
+async def _bounded_body(request: Request, call_next):
+    """413 before the body is read when its declared length exceeds what a valid request can need."""
+    length = request.headers.get("content-length", "0")
+    if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+        return _error(413, f"the request body has {int(length)} bytes; a request needs at most {MAX_REQUEST_BYTES}")
+    return await call_next(request)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     problems = []
@@ -407,7 +383,7 @@ class Ingress:
                 self._cancelled.inc(tags={"model": model, "reason": "deadline"})
             raise
 
-    async def _generate(self, body: BaseModel, kind: str, method: str) -> list[bytes]:
+    async def _generate(self, body: ImageRequest | VideoRequest, kind: str, method: str) -> list[bytes]:
         """The replica's answer to a request, within the kind's deadline (the replica stops there too; the
         ingress's own wait is one second longer, for a request that never reached a replica)."""
         model = await self._model(body.model, kind)

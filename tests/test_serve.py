@@ -237,6 +237,7 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
     ("/v1/images", {"prompt": "a", "num_images_per_prompt": 5, **STEPS}, 400, "= 5 images per call"),
     ("/v1/images", {"prompt": "a", "negative_prompt": ["x", "y"], **STEPS}, 400,
      "negative_prompt has 2 entries for 1 prompts"),
+    ("/v1/images", {"prompt": "a", "num_diffusion_steps": 60000}, 400, "num_diffusion_steps"),
     ("/v1/images", {"prompt": "a", "model": "t2v9"}, 404, "model 't2v9' generates videos, not images"),
     ("/v1/videos", {"prompt": "a", "max_latent_length": 10}, 400, "max_latent_length 10 exceeds the KV cache"),
     ("/v1/videos?stream=true", {"prompt": "a", "num_diffusion_steps": 0}, 400,
@@ -245,6 +246,16 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
 def test_bad_requests_get_4xx_with_the_refusal(server, path, body, status, message):
     response = post(f"{server}{path}", body)
     assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    """A 10 MB prompt (it took 8.9 s before) is refused with 413 from its Content-Length."""
+    from runtime.options import MAX_REQUEST_BYTES
+
+    response, seconds = _timed_post(f"{server}/v1/images", {"prompt": "a" * (10 << 20), **STEPS})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"].endswith(f"a request needs at most {MAX_REQUEST_BYTES}")
+    assert seconds < 5
 
 
 def test_incompatible_requests_are_not_mixed(server, image_runner):
