@@ -44,4 +44,5 @@ def text_encoder_spec(ctx: GraphContext) -> GraphSpec:
         dims=dims, component="text_encoder", weight_prefixes=("model.",),
         sources=sources("runtime/graphs/text_encoder.py", "runtime/model/text_encoder.py"),
         build=lambda: TextEncoderGraph(ctx.module("text_encoder", name), ctx.dtype(name)).eval(),
+        attention=ctx.attention,
         sample=text_encoder_sample)
