@@ -51,21 +51,18 @@ def _multi_head_attention(query, key, value, attn_mask=None, dropout_p: float = 
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise NotImplementedError("the ort-mha attention form needs static head count and head size")
     q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
-    bias = None
-    if is_causal:
-        ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), query),
-                         op.Concat(op.Shape(query, start=2, end=3), op.Shape(key, start=2, end=3), axis=0))
-        attn_mask = op.Cast(op.Trilu(ones, upper=0), to=ir.DataType.BOOL)
-    if attn_mask is not None:
-        if attn_mask.dtype == ir.DataType.BOOL:
-            zero = op.CastLike(op.Constant(value_float=0.0), query)
-            blocked = op.CastLike(op.Constant(value_float=float("-inf")), query)
-            bias = op.Where(attn_mask, zero, blocked)
-        else:
-            bias = op.CastLike(attn_mask, query)
-        # The op takes a [B or 1, H or 1, S, L] bias: broadcast a lower-rank mask, expand its query axis.
-        for _ in range(4 - len(attn_mask.shape)):
-            bias = op.Unsqueeze(bias, op.Constant(value_ints=[0]))
+    blocked = op.CastLike(op.Constant(value_float=float("-inf")), query)
+    bias, rank = None, 0
+    if is_causal:  # -inf above the diagonal of [S, L]
+        square = op.Concat(op.Shape(query, start=2, end=3), op.Shape(key, start=2, end=3), axis=0)
+        bias, rank = op.Trilu(op.Expand(blocked, square), op.Constant(value_int=1), upper=1), 2
+    elif attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL:
+        bias, rank = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), query), blocked), len(attn_mask.shape)
+    elif attn_mask is not None:
+        bias, rank = op.CastLike(attn_mask, query), len(attn_mask.shape)
+    if bias is not None:  # the op takes a [B or 1, H or 1, S, L] bias: add the leading axes, expand the query axis
+        if rank < 4:
+            bias = op.Reshape(bias, op.Concat(op.Constant(value_ints=[1] * (4 - rank)), op.Shape(bias), axis=0))
         rows = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(query, start=2, end=3),
                          op.Constant(value_ints=[1]), axis=0)
         bias = op.Expand(bias, rows)
