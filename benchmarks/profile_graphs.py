@@ -28,7 +28,7 @@ CATEGORIES = [  # (category, substrings of ONNX op types / aten op names), first
     ("matmul", ("MatMul", "Gemm", "FusedMatMul", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
                 "aten::linear", "aten::baddbmm", "Conv", "aten::convolution", "aten::_convolution",
                 "aten::mkldnn_convolution", "aten::conv")),
-    ("attention (sdpa/softmax/mask)", ("Softmax", "aten::_softmax", "aten::softmax", "scaled_dot_product",
+    ("attention (sdpa/softmax/mask)", ("MultiHeadAttention", "Softmax", "aten::_softmax", "aten::softmax", "scaled_dot_product",
                                        "aten::_safe_softmax", "aten::masked_fill", "aten::logical_not")),
     ("norm", ("LayerNorm", "Normalization", "aten::native_layer_norm", "aten::layer_norm", "aten::group_norm",
               "aten::native_group_norm", "ReduceMean", "Sqrt", "Pow")),
