@@ -350,7 +350,8 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
         for s in STAGES:
             t = stages[s]["median"]
             useful = counts["useful"][s] / t if t > 0 else None
-            executed = (counts["executed"][s] if r["kind"] not in ("reference", "official") else counts["useful"][s]) / t if t > 0 else None
+            work = counts["useful"][s] if r["kind"] in ("reference", "official") else counts["executed"][s]
+            executed = work / t if t > 0 else None
             throughput[s] = {"useful_flops_per_s": useful, "executed_flops_per_s": executed,
                              "executed_fraction_of_matmul": executed / ceiling if executed else None}
         total_useful = sum(counts["useful"].values())
