@@ -20,7 +20,8 @@ the methods that make up each stage:
               denoise + place at a step count the build did not unroll)
     vae       vae.decode
 
-The official pipeline is timed the same way, on its own modules: text = transformer.text_embed (Phi-2),
+The official pipeline is timed the same way, on its own modules: text = NOVAPipeline.encode_prompt (Phi-2)
+and transformer.text_embed,
 temporal = video_encoder and video_pos_embed, spatial = image_encoder, denoise = transformer.denoise (MLP
 and sampler), vae = vae.decode.
 
@@ -179,6 +180,7 @@ class Target:
         for module, name in ((model.text_embed, "text"), (model.video_encoder, "temporal"),
                              (model.video_pos_embed, "temporal"), (model.image_encoder, "spatial")):
             clock.wrap(module, "forward", name)
+        clock.wrap(pipe, "encode_prompt", "text")
         clock.wrap(model, "denoise", "denoise")
         clock.wrap(pipe.vae, "decode", "vae")
 
