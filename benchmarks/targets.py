@@ -21,9 +21,8 @@ the methods that make up each stage:
     vae       vae.decode
 
 The official pipeline is timed the same way, on its own modules: text = NOVAPipeline.encode_prompt (Phi-2)
-and transformer.text_embed,
-temporal = video_encoder and video_pos_embed, spatial = image_encoder, denoise = transformer.denoise (MLP
-and sampler), vae = vae.decode.
+and transformer.text_embed, temporal = video_encoder and video_pos_embed, spatial = image_encoder, denoise =
+transformer.denoise (MLP and sampler), vae = vae.decode.
 
     other     the rest of the call (host work: random draws, argsort, index tables, copies)
 
