@@ -123,7 +123,8 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     empty negative prompt, which ours skip because its features are never read). max_tokens_per_step:
     the runner's n_max (default: the schedule's largest step).
     """
-    from runtime.graphs.profile import VIDEO_VAE_WINDOW, known_slots
+    from runtime.decoder import video_windows, window_length
+    from runtime.graphs.profile import known_slots
     from runtime.schedules import mask_schedule
 
     rows = batch * (2 if cfg else 1)
@@ -143,8 +144,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, 
     denoise_executed = frames * len(schedule) * loop_call
     h, w = config.latent_size
     if vae_config.get("_class_name") == "AutoencoderKLOpenSora":
-        window = min(VIDEO_VAE_WINDOW, frames)
-        windows = 1 + max(0, (frames - window) // (window - 1))
+        window, windows = window_length(frames), len(video_windows(frames))
         vae = batch * windows * vae_decode(vae_config, (1, n["channels"], window, h, w))
     else:
         vae = batch * frames * vae_decode(vae_config, (1, n["channels"], h, w))

@@ -148,18 +148,14 @@ def _pixels(output) -> np.ndarray:
 # Recording graph calls
 # ---------------------------------------------------------------------------------------------------
 def expected_calls(runner, options: dict[str, Any]) -> dict[str, int]:
-    from runtime.graphs.profile import VIDEO_VAE_WINDOW
+    from runtime.decoder import video_windows
     from runtime.schedules import mask_schedule
 
     g = runner.geometry
     frames, steps = options["max_latent_length"], len(mask_schedule(g.num_tokens, options["num_inference_steps"]))
-    if runner.configs.video_vae:
-        window = min(VIDEO_VAE_WINDOW, frames)
-        vae = 1 + max(0, (frames - window) // (window - 1))
-    else:
-        vae = frames
+    vae = len(video_windows(frames)) if runner.configs.video_vae else frames
     diffusion_steps = options["num_diffusion_steps"]
-    if "denoise_loop" in runner.graphs and diffusion_steps == runner.profile.diffusion_steps:
+    if runner.build.unrolls(diffusion_steps):
         diffusion = {"denoise_loop": frames * steps}
     else:
         diffusion = {"denoise": frames * steps * diffusion_steps, "place": frames * steps}

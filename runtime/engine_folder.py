@@ -145,6 +145,7 @@ class EngineFolder:
     def configs_path(self) -> Path:
         return self.path / CONFIGS_DIR
 
-    @property
-    def has_plans(self) -> bool:
-        return any(self.path.glob("*.plan"))
+    @staticmethod
+    def has_plans(folder: str | os.PathLike) -> bool:
+        """Whether a folder holds TensorRT plans (read before choosing a backend, so before verifying)."""
+        return any(Path(folder).glob("*.plan"))

@@ -162,7 +162,7 @@ class ReferencePipeline:
         model, config, dtype, device = self.transformer, self.config, self.dtype, self.device
         batch, guidance = request.batch, Guidance.of(request)
 
-        flow = torch.full((batch * (2 if request.guided else 1),), request.motion_flow)
+        flow = torch.full((batch * min(guidance.passes, 2),), request.motion_flow)
         condition = guidance.text_rows(model.condition(self.text_features(request).to(device), flow.to(device)))
         prefilled = self.prefilled_latents(request, draws)
 
@@ -224,11 +224,11 @@ class ReferencePipeline:
         the input): guidance_renorm's norms run over every token of a sample."""
         model, config = self.transformer, self.config
         p, (h, w), batch = config.patch_size, config.latent_size, x.shape[0]
-        passes = guidance.passes
+        passes, guided_steps = guidance.passes, guidance.guided_steps(sampler.timesteps)
         index = guidance.stack(selected).expand(-1, -1, config.token_dim)
         z_sel = z.gather(1, guidance.stack(selected).expand(-1, -1, z.shape[-1]))
         for j, timestep in enumerate(torch.from_numpy(sampler.timesteps)):
-            if passes > 1 and guidance.truncates(float(timestep)):  # guidance off for the rest of this mask step
+            if passes > 1 and not guided_steps[j]:  # guidance_trunc: off for the rest of this mask step
                 passes, index, z_sel = 1, index[:batch], z_sel[:batch]
             tokens = torch.cat([patchify(x, p)] * passes)
             out = model.denoise_head(tokens.gather(1, index), timestep.expand(z_sel.shape[0]).to(x.device), z_sel)

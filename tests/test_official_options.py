@@ -8,6 +8,7 @@ import torch
 
 from runtime.draws import RecordedDraws, ReplayDraws
 from runtime.guidance import Guidance
+from runtime.guidance_plan import GuidancePlan
 from runtime.images import fit_image
 from runtime.model import vae as vae_ops
 from runtime.request import validate_request
@@ -85,10 +86,14 @@ def test_spatiotemporal_combination_and_rows():
 
 
 def test_truncation_threshold():
-    guidance = Guidance(5.0, trunc=500)
-    assert [guidance.truncates(t) for t in (1000.0, 500.0, 499.5, 1.0)] == [False, False, True, True]
-    assert not Guidance(1.0, trunc=500).truncates(1.0)  # unguided: nothing to turn off
-    assert not Guidance(5.0).truncates(0.0)  # 0: never
+    timesteps = np.array([1000.0, 500.0, 499.5, 1.0], np.float32)
+    guidance = GuidancePlan(5.0, trunc=500)
+    assert guidance.guided_steps(timesteps).tolist() == [True, True, False, False]
+    assert guidance.step_scales(timesteps).tolist() == [5.0, 5.0, 1.0, 1.0]  # 1: the graphs take the cond output
+    # off from the first timestep below it to the end of the mask step, whatever the later timesteps
+    assert guidance.guided_steps(np.array([1000.0, 400.0, 800.0])).tolist() == [True, False, False]
+    assert not GuidancePlan(1.0, trunc=500).guided_steps(timesteps).any()  # unguided: nothing to turn off
+    assert GuidancePlan(5.0).guided_steps(np.array([1000.0, 0.0])).all()  # 0: never
 
 
 # -------------------------------------------------------------------------------------------------

@@ -22,4 +22,4 @@ def test_embedding_example_runs(t2i_fp16_engines, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(names["runner"].describe_build()) and "1 image(s) per call" in printed[0]
     assert printed[1] == "3 prompt(s) x 1 image(s) = 3 images per call; these engines were built for " \
-                         + names["runner"].describe_build()  # the refusal, before any work
+                         + names["runner"].describe_build() + " (rebuild with --prompts 3 --images-per-prompt 1)"

@@ -118,6 +118,6 @@ def test_guidance_renorm_is_refused_where_the_loop_is_not_the_whole_grid(tiny_t2
     with pytest.raises(ValueError, match=r"whole token grid; .*\(rebuild with --guidance-renorm\)$"):
         narrow("a", seed=0, num_diffusion_steps=4, **steps)
     runner = NOVARunner.from_engines(t2i_third_pass_engines)  # unrolled for 4 diffusion steps
-    with pytest.raises(ValueError, match=r"\(rebuild with --diffusion-steps 3 for this step count\)$"):
+    with pytest.raises(ValueError, match=r"\(rebuild with --loop-diffusion-steps 3 for this step count\)$"):
         runner("a", seed=0, num_diffusion_steps=3, **steps)
     assert runner("a", seed=0, num_diffusion_steps=3, num_inference_steps=8).images.shape == (1, 64, 64, 3)

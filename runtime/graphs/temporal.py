@@ -9,9 +9,10 @@ from torch.nn import functional as F
 from runtime.graphs.common import GraphModule, cfg_rows, time_embedding
 from runtime.graphs.contract import GraphContext, GraphSpec, randint, randn, sources, tensor
 from runtime.graphs.profile import Geometry, frame_position
+from runtime.guidance_plan import GuidancePlan
 from runtime.model.transformer import NOVATransformer3DModel
 
-SOURCES = sources("runtime/graphs/temporal.py", "runtime/model/transformer.py", "runtime/model/config.py")
+SOURCES = sources(__name__)
 
 
 class _RecordingCache:
@@ -56,15 +57,15 @@ class _StaticCache:
 
 def guidance_tokens(model: NOVATransformer3DModel, tokens: torch.Tensor, raw_bos: torch.Tensor | None) -> torch.Tensor:
     """Frame tokens [M, Nv, D] with the rows where `raw_bos` [M] is true replaced by the raw BOS token (no time
-    or space embedding): image guidance's unconditional block, at every frame (`Guidance.stack`)."""
+    or space embedding): image guidance's unconditional block, at every frame (`GuidancePlan.raw_bos_block`)."""
     if raw_bos is None:  # two-block builds have no such rows
         return tokens
     return torch.where(raw_bos.view(-1, 1, 1), model.mask_embed.bos_token.to(tokens.dtype), tokens)
 
 
 def _raw_bos_sample(g: Geometry) -> torch.Tensor:
-    """`raw_bos` as an image-guidance request feeds it: block 1's rows."""
-    return (torch.arange(g.model_batch) // g.batch) == 1
+    """`raw_bos` as an image-guidance request feeds it."""
+    return torch.from_numpy(GuidancePlan(scale=2, image_scale=1).raw_bos(g.blocks, g.batch))
 
 
 class TemporalPrefillGraph(GraphModule):

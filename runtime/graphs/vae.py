@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.decoder import window_length
 from runtime.graphs.common import GraphModule
 from runtime.graphs.contract import GraphContext, GraphSpec, TensorSpec, dynamic, randn, sources, tensor
-from runtime.graphs.profile import VIDEO_VAE_WINDOW
 from runtime.model import vae as vae_ops
 
-SOURCES = sources("runtime/graphs/vae.py", "runtime/model/vae.py", "runtime/model/vae_opensora.py")
+SOURCES = sources(__name__)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -55,14 +55,14 @@ def _batch(ctx: GraphContext) -> tuple[int | str, dict]:
 
 
 def vae_decoder_spec(ctx: GraphContext) -> GraphSpec:
-    """Image VAE: one latent frame. Video VAE: windows of up to 5 latents (the runner tiles longer videos
-    with stride 4); window sizes 2..5 share one graph with a dynamic time dim."""
+    """Image VAE: one latent frame. Video VAE: windows of up to 5 latents (`runtime.decoder.video_windows`
+    tiles longer videos); window sizes 2..5 share one graph with a dynamic time dim."""
     g, (rows, dims) = ctx.geometry, _batch(ctx)
     C, (h, w), (H, W) = g.channels, g.latent_size, g.image_size
     if not ctx.configs.video_vae:
         return _decoder_spec(ctx, "vae_decoder", tensor("latents", "float32", rows, C, h, w),
                              tensor("pixels", "uint8", rows, H, W, 3), dims)
-    largest = min(VIDEO_VAE_WINDOW, g.max_latent_length)
+    largest = window_length(g.max_latent_length)
     window_dims = dynamic("window", 2, largest) if largest >= 2 else {}
     window = "window" if window_dims else largest
     frames = "4*window-3" if window_dims else 1 + 4 * (largest - 1)
@@ -74,7 +74,7 @@ def vae_decoder_single_spec(ctx: GraphContext) -> GraphSpec | None:
     """A 1-latent request to a video VAE (an image from the video model) takes the official code's other
     branch (no temporal upsampling): its own graph, where `vae_decoder` serves longer windows."""
     g, (rows, dims) = ctx.geometry, _batch(ctx)
-    if not ctx.configs.video_vae or min(VIDEO_VAE_WINDOW, g.max_latent_length) < 2:
+    if not ctx.configs.video_vae or window_length(g.max_latent_length) < 2:
         return None
     return _decoder_spec(ctx, "vae_decoder_single", tensor("latents", "float32", rows, g.channels, 1, *g.latent_size),
                          tensor("pixels", "uint8", rows, 1, *g.image_size, 3), dims)
