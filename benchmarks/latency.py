@@ -4,6 +4,7 @@
     python benchmarks/latency.py --variant tiny-t2i --repetitions 9
     python benchmarks/latency.py --checkpoint /models/nova-d48w1024-sdxl1024 --device cuda \
         --targets reference:fp16,torch:fp16
+    python benchmarks/latency.py --variant mid-t2i --official ../NOVA   # + the official pipeline (a checkout)
 
 Method (the numbers are only as good as this):
 - every target runs in its own fresh process (peak memory per target is that process's high-water
@@ -11,7 +12,8 @@ Method (the numbers are only as good as this):
   by side, and the parent interleaves their repetitions (round robin, the starting target rotating
   every round), so load that comes and goes on a shared machine spreads over every target alike;
 - warm-up runs first (not counted); then median and p90 over the repetitions; speed-ups are ratios of
-  medians against the first reference target;
+  medians against the first reference target and, with --official, against the official pipeline, whose
+  pixels every target's are compared with (same seed: the runtime draws in the official order);
 - the same prompt, seed, steps and build profile for every target; ONNX Runtime engines are built in
   the same run (reused when unchanged) or given with --engines;
 - per-stage seconds and per-graph call counts come from instrumented runs; on a GPU each timed region
@@ -34,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None,
                    help="comma list of KIND:PRECISION (reference, torch, onnxruntime, tensorrt); default: "
                         "reference:fp32,torch:fp32,onnxruntime:fp32 on cpu, reference:fp16,torch:fp16 on cuda")
+    p.add_argument("--official", metavar="PATH", type=Path,
+                   help="a checkout of the official code (baaivision/NOVA): adds the official target "
+                        "(official:fp32 on cpu, official:fp16 on cuda) unless --targets names it")
     p.add_argument("--engines", metavar="[PRECISION=]DIR", action="append", default=[],
                    help="use this engine folder for the engine targets of that precision instead of building one")
     p.add_argument("--engines-root", type=Path, default=common.ROOT / "engines",
@@ -108,7 +115,8 @@ def worker(config: dict[str, Any]) -> int:
                             config["options"]["guidance_scale"])
     try:
         target = Target(spec, Path(config["checkpoint"]), config["device"],
-                        engines=Path(config["engines"]) if config.get("engines") else None, profile=profile)
+                        engines=Path(config["engines"]) if config.get("engines") else None, profile=profile,
+                        official=config.get("official"))
     except Exception as error:  # reported to the parent, which names the target
         send({"error": f"{type(error).__name__}: {error}"})
         return 1
@@ -119,7 +127,7 @@ def worker(config: dict[str, Any]) -> int:
     send({"ready": True, "load_seconds": target.load_seconds, "memory_after_load": memory,
           "placement": getattr(getattr(getattr(target, "runner", None), "backend", None), "placement", None),
           "backend": getattr(getattr(target, "runner", None), "backend", None).__class__.__name__
-          if not spec.is_reference else "ReferencePipeline"})
+          if not spec.is_pipeline else type(target.pipe).__name__})
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "quit":
@@ -132,9 +140,12 @@ def worker(config: dict[str, Any]) -> int:
             return 1
         output = result.output
         pixels = output.images if output.images is not None else output.frames
-        latents = output.latents.float().cpu().numpy() if hasattr(output.latents, "cpu") else output.latents
+        np.save(config["pixels"], pixels)  # the last run's, for the comparison with the official pixels
+        latents = getattr(output, "latents", None)  # the official output has none
+        latents = latents.float().cpu().numpy() if hasattr(latents, "cpu") else latents
         send({"seconds": result.seconds, "stages": result.stages, "calls": result.calls,
-              "pixels_shape": list(pixels.shape), "latent_mean_abs": float(abs(latents).mean())})
+              "pixels_shape": list(pixels.shape),
+              "latent_mean_abs": None if latents is None else float(abs(latents).mean())})
     return 0
 
 
@@ -178,6 +189,24 @@ def default_targets(device: str) -> list[str]:
     if device.startswith("cuda"):
         return ["reference:fp16", "torch:fp16"]
     return ["reference:fp32", "torch:fp32", "onnxruntime:fp32"]
+
+
+def target_specs(targets: str | None, device: str, official: Path | None) -> list[TargetSpec]:
+    """The run's targets: --targets or the device's defaults, the official one first when --official is given
+    and --targets does not name it. Checked before any work: one sentence for a bad combination."""
+    specs = [TargetSpec.parse(t) for t in (targets.split(",") if targets else default_targets(device))]
+    if len({s.label for s in specs}) != len(specs):
+        raise ValueError("each target may appear once")
+    named = [s for s in specs if s.kind == "official"]
+    if named and official is None:
+        raise ValueError("the official target needs --official PATH (a checkout of baaivision/NOVA)")
+    if official is not None:
+        from benchmarks.official import check_checkout
+
+        check_checkout(official)
+        if not named:
+            specs.insert(0, TargetSpec("official", "fp16" if device.startswith("cuda") else "fp32"))
+    return specs
 
 
 def parse_engines(values: list[str]) -> dict[str, Path]:
@@ -230,9 +259,7 @@ def run_benchmark(args) -> dict[str, Any]:
     env = common.environment(args.device)
     checkpoint = resolve_checkpoint(args.checkpoint, args.variant, specs=common.bench_variants(),
                                     root=common.CHECKPOINT_ROOT)
-    specs = [TargetSpec.parse(t) for t in (args.targets.split(",") if args.targets else default_targets(args.device))]
-    if len({s.label for s in specs}) != len(specs):
-        raise ValueError("each target may appear once")
+    specs = target_specs(args.targets, args.device, args.official)
     options = {"num_inference_steps": args.steps, "num_diffusion_steps": args.diffusion_steps,
                "guidance_scale": args.guidance_scale, "max_latent_length": args.frames}
     profile = build_profile(checkpoint, args.steps, args.diffusion_steps, args.frames, args.guidance_scale)
@@ -256,7 +283,9 @@ def run_benchmark(args) -> dict[str, Any]:
         for spec in specs:  # loaded one after another; each waits idle while the others run
             config = {"target": spec.label, "checkpoint": str(checkpoint), "device": args.device,
                       "engines": str(folders[spec.label]) if spec.label in folders else None, "threads": args.threads,
-                      "prompt": args.prompt, "seed": args.seed, "options": options}
+                      "prompt": args.prompt, "seed": args.seed, "options": options,
+                      "official": str(args.official.resolve()) if args.official else None,
+                      "pixels": str(logs / f"{spec.label.replace(':', '-')}-pixels.npy")}
             log(f"loading {spec.label}")
             w = WorkerProcess(config, logs / f"{spec.label.replace(':', '-')}.log")
             workers.append(w)
@@ -264,6 +293,7 @@ def run_benchmark(args) -> dict[str, Any]:
             results[spec.label] = {"target": spec.label, "kind": spec.kind, "precision": spec.precision,
                                    "backend": ready["backend"], "engines": config["engines"],
                                    "load_seconds": ready["load_seconds"], "memory_after_load": ready["memory_after_load"],
+                                   "pixels_file": config["pixels"],
                                    "placement": ready.get("placement"),
                                    "warmup_seconds": [], "e2e": [], "stage_runs": [], "calls": [], "checks": []}
         for round_ in range(args.warmup):
@@ -303,6 +333,7 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
                  "flops_per_s": (rates_before[d]["flops_per_s"] + rates_after[d]["flops_per_s"]) / 2}
              for d in rates_before}
     reference = next((r for r in results.values() if r["kind"] == "reference"), None)
+    official = next((r for r in results.values() if r["kind"] == "official"), None)
     targets = []
     for r in results.values():
         e2e = common.summarize(r["e2e"])
@@ -319,7 +350,8 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
         for s in STAGES:
             t = stages[s]["median"]
             useful = counts["useful"][s] / t if t > 0 else None
-            executed = (counts["executed"][s] if r["kind"] != "reference" else counts["useful"][s]) / t if t > 0 else None
+            work = counts["useful"][s] if r["kind"] in ("reference", "official") else counts["executed"][s]
+            executed = work / t if t > 0 else None
             throughput[s] = {"useful_flops_per_s": useful, "executed_flops_per_s": executed,
                              "executed_fraction_of_matmul": executed / ceiling if executed else None}
         total_useful = sum(counts["useful"].values())
@@ -335,7 +367,11 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
             entry["speedup_vs_reference"] = {"reference": reference["target"], "e2e": ref_e2e / e2e["median"],
                                              **{s: (ref_stages[s] / stages[s]["median"]) if stages[s]["median"] > 0
                                                 else None for s in (*STAGES, "other")}}
-        entry["overhead"] = call_overhead(entry, counts, geometry, ceiling) if r["kind"] != "reference" else None
+        if official is not None:
+            entry["speedup_vs_official"] = common.percentile(official["e2e"], 50) / e2e["median"]
+            entry["pixels_vs_official"] = pixel_difference(np.load(r["pixels_file"]), np.load(official["pixels_file"]))
+        entry["overhead"] = call_overhead(entry, counts, geometry, ceiling) if r["kind"] not in ("reference", "official") \
+            else None
         targets.append(entry)
     from benchmarks.common import describe_variant
 
@@ -350,6 +386,15 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
                          "exporter": args.exporter, "build_profile": geometry.to_dict()},
             "engine_builds": builds, "flops": counts, "matmul_rate": rates, "targets": targets,
             "wall_seconds": wall}
+
+
+def pixel_difference(pixels, official) -> dict[str, Any]:
+    """Same-seed difference of a target's uint8 pixels from the official ones, in levels of 255."""
+    if pixels.shape != official.shape:
+        return {"error": f"shape {list(pixels.shape)} against the official {list(official.shape)}"}
+    diff = np.abs(pixels.astype(np.int16) - official.astype(np.int16))
+    return {"mean_abs_levels": float(diff.mean()), "max_abs_levels": int(diff.max()),
+            "share_above_1_level": float((diff > 1).mean())}
 
 
 def call_overhead(entry: dict[str, Any], counts, geometry, ceiling: float) -> dict[str, Any]:
@@ -420,15 +465,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("Measured matrix-multiply rate (torch, same run): " + "; ".join(
         f"{d} {_rate(r['flops_per_s'])}FLOP/s (before {_rate(r['before']['flops_per_s'])}, after "
         f"{_rate(r['after']['flops_per_s'])}, {r['before']['size']}^3)" for d, r in rates.items()))
+    official = any(t["kind"] == "official" for t in report["targets"])
     lines += ["", "## End to end", "",
-              "| target | median s | p90 s | speed-up vs reference | useful FLOP/s | first run s | load s | "
+              "| target | median s | p90 s | " + ("speed-up vs official | pixels vs official (mean / max levels, "
+                                                    "share > 1 level) | " if official else "")
+              + "speed-up vs reference | useful FLOP/s | first run s | load s | "
               + ("GPU memory after load | peak GPU memory allocated |" if cuda else "RSS after load | peak RSS |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|" + ("---:|---:|" if official else "") + "---:|---:|---:|---:|---:|---:|"]
     for t in report["targets"]:
         speed = t.get("speedup_vs_reference", {}).get("e2e")
         key, peak_key = ("cuda_allocated_bytes", "cuda_max_allocated_bytes") if cuda else ("rss_bytes", "peak_rss_bytes")
         lines.append(f"| {t['target']} | {_s(t['e2e']['median'])} | {_s(t['e2e']['p90'])} | "
-                     f"{'%.2fx' % speed if speed else '–'} | {_rate(t['useful_flops_per_s_e2e'])} | "
+                     + (f"{t['speedup_vs_official']:.2f}x | {_pixels(t['pixels_vs_official'])} | " if official else "")
+                     + f"{'%.2fx' % speed if speed else '–'} | {_rate(t['useful_flops_per_s_e2e'])} | "
                      f"{_s(t['warmup_seconds'][0]) if t['warmup_seconds'] else '–'} | {_s(t['load_seconds'])} | "
                      f"{_bytes(t['memory_after_load'].get(key))} | {_bytes(t['memory'].get(peak_key))} |")
     lines += ["", "## Per stage (median seconds; speed-up vs reference in parentheses)", "",
@@ -488,6 +537,13 @@ def markdown(report: dict[str, Any]) -> str:
         for name, c in ref["graph_calls"].items():
             lines.append(f"| {name} | {c['calls']} | {_s(c['seconds_median'])} | {_us(c['per_call_seconds'])} |")
     return "\n".join(lines + common.markdown_footer(report))
+
+
+def _pixels(difference: dict[str, Any]) -> str:
+    if "error" in difference:
+        return difference["error"]
+    return (f"{difference['mean_abs_levels']:.2f} / {difference['max_abs_levels']} / "
+            f"{100 * difference['share_above_1_level']:.1f} %")
 
 
 def _us(value: float | None) -> str:

@@ -7,6 +7,7 @@ A target is written `KIND[:PRECISION]`:
     torch:fp32         NOVARunner.from_checkpoint (the graphs' PyTorch modules, no export)
     onnxruntime:fp32   NOVARunner.from_engines(<engine folder built at fp32>, backend="onnxruntime")
     tensorrt:fp16      NOVARunner.from_engines(<engine folder with TensorRT plans>, backend="tensorrt")
+    official:fp32      the official NOVAPipeline (baaivision/NOVA's diffnext, from a checkout: benchmarks/official.py)
 
 Both kinds report the same stages (text, temporal, spatial, denoise, vae): the runner times its own
 graph calls (`return_timings=True`); the reference is timed by wrapping, on the loaded instance only,
@@ -18,6 +19,11 @@ the methods that make up each stage:
     denoise   ReferencePipeline.denoise (diffusion MLP, CFG, sampler; the runner's denoise_loop graph, or
               denoise + place at a step count the build did not unroll)
     vae       vae.decode
+
+The official pipeline is timed the same way, on its own modules: text = NOVAPipeline.encode_prompt (Phi-2)
+and transformer.text_embed, temporal = video_encoder and video_pos_embed, spatial = image_encoder, denoise =
+transformer.denoise (MLP and sampler), vae = vae.decode.
+
     other     the rest of the call (host work: random draws, argsort, index tables, copies)
 
 On a GPU each timed region ends with a device synchronize, so stage timings are taken in separate
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
-KINDS = ("reference", "torch", "onnxruntime", "tensorrt")
+KINDS = ("official", "reference", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -64,6 +70,11 @@ class TargetSpec:
     @property
     def is_reference(self) -> bool:
         return self.kind == "reference"
+
+    @property
+    def is_pipeline(self) -> bool:
+        """An eager pipeline called with the official arguments (ours or the official code), not a runner."""
+        return self.kind in ("reference", "official")
 
 
 class Clock:
@@ -118,7 +129,7 @@ class Target:
     """A loaded reference pipeline or runner; `run(...)` generates once and reports timings."""
 
     def __init__(self, spec: TargetSpec, checkpoint: Path, device: str, *, engines: Path | None = None,
-                 profile=None):
+                 profile=None, official: Path | None = None):
         import torch
 
         self.spec, self.checkpoint, self.device = spec, Path(checkpoint), device
@@ -126,10 +137,17 @@ class Target:
         self.clock = Clock(sync=(lambda: torch.cuda.synchronize(device)) if cuda else None)
         self.graph_clock = Clock(sync=self.clock.sync)
         start = time.perf_counter()
-        if spec.is_reference:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
+        if spec.kind == "official":
+            from benchmarks.official import load_pipeline
+
+            if official is None:
+                raise ValueError("the official target needs --official PATH (a checkout of baaivision/NOVA)")
+            self.pipe = load_pipeline(official, self.checkpoint, dtype, device)
+            self._instrument_official()
+        elif spec.is_reference:
             from runtime.reference import ReferencePipeline
 
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
             self.pipe = ReferencePipeline.from_pretrained(self.checkpoint, device=device, dtype=dtype)
             self._instrument_reference()
         else:
@@ -156,6 +174,15 @@ class Target:
         clock.wrap(pipe, "denoise", "denoise")
         clock.wrap(pipe.vae, "decode", "vae")
 
+    def _instrument_official(self) -> None:
+        pipe, model, clock = self.pipe, self.pipe.transformer, self.clock
+        for module, name in ((model.text_embed, "text"), (model.video_encoder, "temporal"),
+                             (model.video_pos_embed, "temporal"), (model.image_encoder, "spatial")):
+            clock.wrap(module, "forward", name)
+        clock.wrap(pipe, "encode_prompt", "text")
+        clock.wrap(model, "denoise", "denoise")
+        clock.wrap(pipe.vae, "decode", "vae")
+
     def _instrument_runner(self) -> None:
         backend, clock = self.runner.backend, self.graph_clock
         original = backend.run
@@ -177,7 +204,7 @@ class Target:
         self.graph_clock.reset()
         self.clock.enabled = self.graph_clock.enabled = instrument
         start = time.perf_counter()
-        if self.spec.is_reference:
+        if self.spec.is_pipeline:
             if draws is None:  # the official code draws with a generator on the model's device
                 draws_kwargs = {"generator": torch.Generator(self.device).manual_seed(seed)}
             else:

@@ -27,6 +27,7 @@ import torch
 import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
+from export.attention import translation_table
 from runtime.graphs.contract import GraphSpec
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -82,6 +83,9 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
     """Write `path` (+ `path`.data) for `spec` traced from `module`. -> info (exporter, seconds)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if spec.attention not in (None, "standard") and exporter != "dynamo":
+        raise ExportError(f"graph {spec.name!r} declares {spec.attention} attention, which only the dynamo exporter "
+                          f"writes")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = example_inputs(spec)
@@ -100,7 +104,8 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
                                for t in spec.inputs)
                 torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
                                   dynamic_shapes={"inputs": shapes} if spec.dims else None, dynamo=True, external_data=True,
-                                  opset_version=opset, optimize=True, verbose=False)
+                                  opset_version=opset, optimize=True, verbose=False,
+                                  custom_translation_table=translation_table(spec.attention or "standard"))
             else:
                 axes = {t.name: {axis: s for axis, s in enumerate(t.shape) if isinstance(s, str)}
                         for t in (*spec.inputs, *spec.outputs)}
@@ -180,6 +185,11 @@ def check_declaration(spec: GraphSpec, path: str | os.PathLike) -> None:
                     problems.append(f"{kind} {t.name} axis {axis} is {d.dim_value}, declared {s}")
                 if isinstance(s, str) and d.HasField("dim_value"):
                     problems.append(f"{kind} {t.name} axis {axis} is static {d.dim_value}, declared dynamic {s}")
+    fused = sum(node.op_type == "MultiHeadAttention" for node in model.graph.node)
+    if spec.attention == "ort-mha" and (not fused or any(node.op_type == "Softmax" for node in model.graph.node)):
+        problems.append(f"declares ort-mha attention, but has {fused} MultiHeadAttention node(s) and Softmax left")
+    elif spec.attention != "ort-mha" and fused:
+        problems.append(f"declares {spec.attention} attention, but has {fused} MultiHeadAttention node(s)")
     if problems:
         raise ExportError(f"exported graph {spec.name!r} does not match its declaration: " + "; ".join(problems))
 

@@ -5,6 +5,7 @@ few steps so the scripts and their reports cannot rot.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,32 @@ def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_t2v):
     assert [t["checks"]["pixels_shape"] for t in report["targets"]] == [[1, 17, 64, 96, 3]] * 2
     assert report["targets"][1]["graph_calls"]["temporal_step"]["calls"] == 4
     check_png(tmp_path / "out" / "latency-tiny-t2v.png")
+
+
+def test_official_target_arguments(tmp_path):
+    from benchmarks.latency import target_specs
+
+    labels = lambda specs: [s.label for s in specs]  # noqa: E731
+    assert labels(target_specs(None, "cpu", None)) == ["reference:fp32", "torch:fp32", "onnxruntime:fp32"]
+    with pytest.raises(ValueError, match="needs --official PATH"):
+        target_specs("official:fp32,torch:fp32", "cpu", None)
+    with pytest.raises(ValueError, match="is not a checkout of baaivision/NOVA"):
+        target_specs(None, "cpu", tmp_path)
+    (tmp_path / "diffnext" / "pipelines" / "nova").mkdir(parents=True)  # the layout the check looks for
+    assert labels(target_specs(None, "cpu", tmp_path)) == ["official:fp32", "reference:fp32", "torch:fp32",
+                                                           "onnxruntime:fp32"]
+    assert labels(target_specs("torch:fp32,official:fp32", "cpu", tmp_path)) == ["torch:fp32", "official:fp32"]
+    assert labels(target_specs(None, "cuda", tmp_path))[0] == "official:fp16"
+
+
+@pytest.mark.skipif(not os.environ.get("NOVA_OFFICIAL"), reason="NOVA_OFFICIAL names no checkout of the official code "
+                                                                 "(baaivision/NOVA; CI has none)")
+def test_official_target_runs_beside_the_reference(tiny_t2i, tmp_path):
+    run_script("latency.py", "--checkpoint", str(tiny_t2i), "--official", os.environ["NOVA_OFFICIAL"],
+               "--targets", "official:fp32,reference:fp32", "--repetitions", "1", "--warmup", "0",
+               "--out", str(tmp_path), *SMOKE)
+    report = json.loads((tmp_path / "latency-tiny-t2i.json").read_text())
+    official, reference = report["targets"]
+    assert official["backend"] == "NOVAPipeline" and official["speedup_vs_official"] == 1.0
+    assert reference["pixels_vs_official"]["max_abs_levels"] <= 1  # same seed, same draws, same algorithm
+    assert reference["speedup_vs_official"] == pytest.approx(official["e2e"]["median"] / reference["e2e"]["median"])

@@ -24,9 +24,9 @@ TORCH_LAYER = ("runtime.backends.torch_backend", "runtime.checkpoint", "runtime.
                "runtime.graphs.contract", "runtime.graphs.denoise", "runtime.graphs.spatial", "runtime.graphs.specs",
                "runtime.graphs.temporal", "runtime.graphs.text_encoder", "runtime.graphs.vae", "runtime.guidance",
                "runtime.model", "runtime.model.kv_cache", "runtime.model.text_encoder", "runtime.model.transformer",
-               "runtime.model.vae", "runtime.model.vae_opensora", "runtime.reference", "export", "export.build",
-               "export.build_engines", "export.manifest", "export.onnx_export", "export.tensorrt_build",
-               "export.validate")
+               "runtime.model.vae", "runtime.model.vae_opensora", "runtime.reference", "export", "export.attention",
+               "export.build", "export.build_engines", "export.manifest", "export.onnx_export",
+               "export.tensorrt_build", "export.validate")
 # Core -> torch edges that are deliberate: each is an optional use, taken only where torch is installed.
 TORCH_ALLOWED = {
     ("runtime.__main__", "runtime.checkpoint"): "the reference and synth commands load or write weights",

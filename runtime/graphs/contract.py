@@ -97,6 +97,10 @@ def dynamic(name: str, low: int, high: int, opt: int | None = None) -> dict[str,
     return {} if low == high else {name: Dim(name, low, opt if opt is not None else high, high)}
 
 
+# How an exported graph spells attention (export/attention.py makes them): `standard` MatMul / Softmax ops, or
+# ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (`ort-mha`).
+ATTENTION_FORMS = ("standard", "ort-mha")
+
 Sample = Callable[[dict[str, int], torch.Generator], dict[str, torch.Tensor]]
 
 
@@ -114,6 +118,7 @@ class GraphSpec:
     build: Callable[[], nn.Module]  # the torch module (loads weights on first use)
     sample: Sample  # realistic random inputs at given dynamic dims
     notes: tuple[str, ...] = ()
+    attention: str | None = None  # how its ONNX export computes attention (export/attention.py); None: none
 
     def dims_at(self, point: str) -> dict[str, int]:
         """Concrete dynamic dims at 'min', 'opt' or 'max' of their ranges."""
@@ -128,7 +133,7 @@ class GraphSpec:
         tensors = lambda ts: [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]  # noqa: E731
         return {"name": self.name, "precision": self.precision, "inputs": tensors(self.inputs),
                 "outputs": tensors(self.outputs), "dims": {k: dataclasses.asdict(v) for k, v in self.dims.items()},
-                "notes": list(self.notes)}
+                "attention": self.attention, "notes": list(self.notes)}
 
 
 def run_module(spec: GraphSpec, module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,6 +154,7 @@ class GraphContext:
     profile: BuildProfile
     geometry: Geometry
     precisions: dict[str, str]  # graph name -> fp32 | fp16 | bf16
+    attention: str = "standard"  # the attention form of this build's graphs that have attention
 
     def dtype_name(self, graph: str) -> str:
         """The graph's compute dtype as a TensorSpec dtype (float16, ...)."""

@@ -84,5 +84,6 @@ def spatial_spec(ctx: GraphContext) -> GraphSpec:
         sources=sources(__name__),
         build=lambda: SpatialGraph(ctx.module("transformer", name), g, ctx.dtype(name)).eval(),
         sample=spatial_sample,
+        attention=ctx.attention,
         notes=(f"encoder half on known-token slots in buckets of {g.known_bucket} (N / 8 rounded up), "
                f"key-masked beyond k",))

@@ -126,7 +126,7 @@ def temporal_prefill_spec(ctx: GraphContext) -> GraphSpec:
             "with time and space embeddings, all blocks; writes the KV cache for videos.",
         inputs=tuple(inputs), outputs=tuple(outputs), dims={}, component="transformer",
         weight_prefixes=("text_embed.", "motion_embed.", "video_pos_embed.", "mask_embed.bos_token", "video_encoder."),
-        sources=SOURCES, sample=temporal_prefill_sample,
+        sources=SOURCES, attention=ctx.attention, sample=temporal_prefill_sample,
         build=lambda: TemporalPrefillGraph(ctx.module("transformer", name), g, ctx.dtype(name)).eval())
 
 
@@ -199,5 +199,5 @@ def temporal_step_spec(ctx: GraphContext) -> GraphSpec | None:
         outputs=(tensor("indicator", act, M, Nv, g.width), tensor("k_cache_out", act, L, M, H, Lmax, Dh),
                  tensor("v_cache_out", act, L, M, H, Lmax, Dh)),
         dims={}, component="transformer", weight_prefixes=("video_pos_embed.", "video_encoder."),
-        sources=SOURCES, sample=temporal_step_sample,
+        sources=SOURCES, attention=ctx.attention, sample=temporal_step_sample,
         build=lambda: TemporalStepGraph(ctx.module("transformer", name), g, ctx.dtype(name)).eval())

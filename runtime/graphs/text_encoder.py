@@ -44,4 +44,5 @@ def text_encoder_spec(ctx: GraphContext) -> GraphSpec:
         dims=dims, component="text_encoder", weight_prefixes=("model.",),
         sources=sources(__name__),
         build=lambda: TextEncoderGraph(ctx.module("text_encoder", name), ctx.dtype(name)).eval(),
+        attention=ctx.attention,
         sample=text_encoder_sample)
