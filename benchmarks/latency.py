@@ -139,7 +139,8 @@ def worker(config: dict[str, Any]) -> int:
             send({"error": f"{type(error).__name__}: {error}"})
             return 1
         output = result.output
-        pixels = output.images if output.images is not None else output.frames
+        images = getattr(output, "images", None)  # the official video output has frames only
+        pixels = images if images is not None else output.frames
         np.save(config["pixels"], pixels)  # the last run's, for the comparison with the official pixels
         latents = getattr(output, "latents", None)  # the official output has none
         latents = latents.float().cpu().numpy() if hasattr(latents, "cpu") else latents
