@@ -21,6 +21,8 @@ import functools
 import json
 from typing import Any
 
+from runtime.options import OPTIONS
+
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
 
 
@@ -113,8 +115,10 @@ def vae_decode(vae_config: dict[str, Any], latent_shape: tuple[int, ...]) -> flo
     return _vae_decode(json.dumps(vae_config, sort_keys=True), tuple(latent_shape))
 
 
-def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *, steps: int = 64,
-            diffusion_steps: int = 25, frames: int = 1, batch: int = 1, cfg: bool = True, text_rows: int | None = None,
+def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *,
+            steps: int = OPTIONS["num_inference_steps"].default,
+            diffusion_steps: int = OPTIONS["num_diffusion_steps"].default, frames: int = 1, batch: int = 1,
+            cfg: bool = True, text_rows: int | None = None,
             max_tokens_per_step: int | None = None) -> dict[str, dict[str, float]]:
     """FLOPs per stage of one request -> {"useful": {stage: flops}, "executed": {stage: flops},
     "executed_per_graph_call": {graph: flops of one call of the runner's graph}}.

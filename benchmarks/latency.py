@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks import common  # noqa: E402
 from benchmarks.targets import STAGES, TargetSpec  # noqa: E402
+from runtime.options import OPTIONS  # noqa: E402
 
 PROTOCOL = "@@bench "
 DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
@@ -75,10 +76,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="exporter for built engines")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=64, help="mask steps (num_inference_steps)")
-    p.add_argument("--diffusion-steps", type=int, default=25, help="num_diffusion_steps")
+    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default,
+                   help="mask steps (num_inference_steps)")
+    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default,
+                   help="num_diffusion_steps")
     p.add_argument("--frames", type=int, default=1, help="latent frames (max_latent_length); 9 = 33 video frames")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=OPTIONS["guidance_scale"].default)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per target before the repetitions")
     p.add_argument("--repetitions", type=int, default=5, help="timed runs per target")
     p.add_argument("--threads", type=int, default=1,

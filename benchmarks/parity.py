@@ -40,6 +40,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.targets import TargetSpec  # noqa: E402
+from runtime.options import OPTIONS  # noqa: E402
 
 DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
 
@@ -59,10 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--diffusion-steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default)
+    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default)
     p.add_argument("--frames", type=int, default=1)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=OPTIONS["guidance_scale"].default)
     p.add_argument("--graph-samples", type=int, default=3, help="calls compared per graph (evenly spread)")
     p.add_argument("--no-self-drift", action="store_true", help="skip the reference-against-itself baseline")
     p.add_argument("--no-fp64", action="store_true", help="skip the per-graph float64 rounding baseline")

@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from runtime.options import OPTIONS  # noqa: E402
 
 PROMPTS = ("a corgi wearing sunglasses on a beach at sunset", "a lighthouse at dusk", "a red kite over hills",
            "a bowl of ramen")
@@ -60,8 +61,10 @@ def parser() -> argparse.ArgumentParser:
                    help="where built engines go (bench-serve-<variant>-b<batch>; reused when unchanged)")
     p.add_argument("--concurrency", default="1,4,16", help="comma list of client threads")
     p.add_argument("--requests", type=int, default=48, help="requests per concurrency level and side")
-    p.add_argument("--steps", type=int, default=64, help="num_inference_steps")
-    p.add_argument("--diffusion-steps", type=int, default=25, help="num_diffusion_steps")
+    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default,
+                   help="num_inference_steps")
+    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default,
+                   help="num_diffusion_steps")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads, direct and per replica")
     p.add_argument("--timeout", type=float, default=120, help="seconds for any one request")
     p.add_argument("--soak-s", type=float, default=None, help="run the soak and the replica kill instead of the levels")
