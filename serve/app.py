@@ -13,6 +13,7 @@ dies mid-request turns into a 503 for its callers (the proxy would answer 500) w
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import re
@@ -25,54 +26,20 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-# -- request schemas ---------------------------------------------------------------------------------------
+from serve import openai_api
+from serve.errors import Refused
+from serve.jobs import Jobs
+from serve.progress import with_progress
+from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
+from serve.uploads import decode_image
 
-
-class _Options(BaseModel):
-    """Options shared by images and videos: the runner's, under its names. Unknown fields and wrong
-    JSON types are refused (422); values are checked by the runner (400, its one-sentence refusal)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None  # an id of GET /v1/models; default: the only model of the endpoint's kind
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2 ** 64)  # None: a random seed
-    num_inference_steps: int = 64
-    num_diffusion_steps: int = 25
-    guidance_scale: float = 5.0
-    guidance_trunc: float = 0.0  # the official options the compiled runner serves
-    flow_shift: float | None = None
-    num_images_per_prompt: int = 1
-
-
-class ImageRequest(_Options):
-    pass
-
-
-class VideoRequest(_Options):
-    max_latent_length: int = 1
-    motion_flow: float | None = None
-    fps: int = Field(12, ge=1, le=240)
-
-
-RUNNER_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
-                  "guidance_trunc", "flow_shift", "num_images_per_prompt", "max_latent_length", "motion_flow")
-
-
-class Refused(ValueError):
-    """A request the runner refused (ValueError) or that names no served model: HTTP 400 / 404."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+DEMO = Path(__file__).with_name("demo")  # the web page served at /
 
 
 # -- the model deployment ------------------------------------------------------------------------------------
@@ -115,7 +82,8 @@ class NOVAModel:
     def describe(self) -> dict[str, Any]:
         """What the engines were built for (GET /v1/models)."""
         g = self.runner.geometry
-        return {"id": model_id(self.folder), "kind": "video" if g.has_motion else "image",
+        height, width = g.image_size
+        return {"id": model_id(self.folder), "kind": "video" if g.has_motion else "image", "size": f"{width}x{height}",
                 "build": self.runner.describe_build(), "batch": g.batch, "cfg": g.cfg,
                 "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
@@ -185,6 +153,19 @@ class NOVAModel:
         output = await asyncio.to_thread(self._call, seed=options["seed"], **_runner_kwargs(options))
         return [_mp4(video, options["fps"]) for video in output.frames]
 
+    async def progress(self, kind: str, options: dict) -> AsyncIterator[dict]:
+        """One runner call reporting {"progress": ...} after every mask step, then {"result": [PNG or MP4 bytes
+        per image or video]}. Closing the stream stops the runner within one mask step (`serve.progress`)."""
+        self._count("requests")
+        encode = _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
+
+        def call(stop, on_step) -> list[bytes]:
+            output = self._call(seed=options["seed"], stop=stop, on_step=on_step, **_runner_kwargs(options))
+            return [encode(result) for result in (output.images if kind == "image" else output.frames)]
+
+        async for event in with_progress(call):
+            yield event
+
     async def stream_video(self, options: dict) -> AsyncIterator[np.ndarray]:
         """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists."""
         self._count("requests")
@@ -224,14 +205,33 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
     return _error(422, "; ".join(problems))
 
 
-def _failure(error: BaseException) -> JSONResponse:
-    """A replica's refusal -> 400/404 with its message; a dead or unreachable replica -> 503."""
+def _explain(error: BaseException) -> tuple[int, str]:
+    """A replica's refusal -> 400/404 with its message; a dead or unreachable replica -> 503; else the
+    error itself (re-raised by `_failure`, told as it is by a job)."""
     cause = error.cause if isinstance(error, RayTaskError) else error
     if isinstance(cause, Refused):
-        return _error(cause.status, str(cause))
+        return cause.status, str(cause)
     if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
-        return _error(503, UNAVAILABLE)
-    raise error
+        return 503, UNAVAILABLE
+    return 500, f"{type(cause).__name__}: {cause}"
+
+
+def _failure(error: BaseException) -> JSONResponse:
+    status, message = _explain(error)
+    if status == 500:
+        raise error
+    return _error(status, message)
+
+
+def _video_options(body: VideoRequest) -> dict:
+    """A video request's options for the replica, its image decoded (a broken one refused here)."""
+    options = body.model_dump()
+    if options["image"] is not None:
+        try:
+            options["image"] = decode_image(options["image"])
+        except ValueError as error:
+            raise Refused(str(error)) from None
+    return options
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -257,30 +257,57 @@ async def _events(first: np.ndarray, windows) -> AsyncIterator[bytes]:
     yield _event("done", {"frames": start})
 
 
+async def _progress_events(stream) -> AsyncIterator[bytes]:
+    """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
+    mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}."""
+    try:  # the stream is cancelled when the client goes away (the replica's runner stops) or it ends
+        async for event in stream:
+            if "progress" in event:
+                yield _event("progress", event["progress"])
+            else:
+                yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
+    except Exception as error:  # noqa: BLE001
+        status, message = _explain(error)
+        yield _event("error", {"status": status, "error": message})
+    finally:
+        stream.cancel()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, models: dict[str, DeploymentHandle]):
+    def __init__(self, models: dict[str, DeploymentHandle], jobs: dict[str, float]):
+        """jobs: the video jobs' max_jobs, keep_s and slots (`serve.jobs.Jobs`)."""
         self.models = models
         self._described: dict[str, dict] = {}
+        self.jobs = Jobs(_explain, **jobs)
 
     async def _describe(self, name: str) -> dict:
         if name not in self._described:
             self._described[name] = await self.models[name].describe.remote()
         return self._described[name]
 
-    async def _model(self, name: str | None, kind: str) -> DeploymentHandle:
+    async def _model_name(self, name: str | None, kind: str) -> str:
+        """The id of the model a request names, or of the only one of its kind."""
         if name is not None:
             if name not in self.models:
                 raise Refused(f"no model {name!r}; served: {', '.join(self.models)}", 404)
             if (await self._describe(name))["kind"] != kind:
                 raise Refused(f"model {name!r} generates {(await self._describe(name))['kind']}s, not {kind}s", 404)
-            return self.models[name]
+            return name
         names = [n for n in self.models if (await self._describe(n))["kind"] == kind]
         if len(names) != 1:
             raise Refused(f"no {kind} model is served" if not names else
                           f"several {kind} models are served ({', '.join(names)}): name one in 'model'", 404)
-        return self.models[names[0]]
+        return names[0]
+
+    async def _model(self, name: str | None, kind: str) -> DeploymentHandle:
+        return self.models[await self._model_name(name, kind)]
+
+    @api.get("/", response_model=None)
+    async def demo(self) -> Response:
+        """The web demo: a page over this API (serve/demo/)."""
+        return Response((DEMO / "index.html").read_bytes(), media_type="text/html")
 
     @api.get("/healthz", response_model=None)
     async def healthz(self) -> JSONResponse:
@@ -301,10 +328,15 @@ class Ingress:
         return {"models": [await self._describe(name) for name in self.models]}
 
     @api.post("/v1/images", response_model=None)
-    async def images(self, body: ImageRequest) -> Response:
-        """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major)."""
+    async def images(self, body: ImageRequest, stream: bool = False) -> Response:
+        """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major). stream=true:
+        server-sent events, `progress` after every mask step, then `done` with the images (or `error`)."""
         try:
-            images = await (await self._model(body.model, "image")).images.remote(body.model_dump())
+            model = await self._model(body.model, "image")
+            if stream:
+                return StreamingResponse(_progress_events(model.options(stream=True).progress.remote(
+                    "image", body.model_dump())), media_type="text/event-stream")
+            images = await model.images.remote(body.model_dump())
         except Exception as error:  # noqa: BLE001 - sorted by _failure, which re-raises the unknown
             return _failure(error)
         if len(images) == 1:
@@ -316,17 +348,66 @@ class Ingress:
         """One video: video/mp4; several: JSON {"videos": [base64 MP4, ...]}. stream=true: server-sent
         events, one `window` event per decoded window of frames, then `done` (or `error`)."""
         try:
-            model = await self._model(body.model, "video")
+            model, options = await self._model(body.model, "video"), _video_options(body)
             if not stream:
-                videos = await model.video.remote(body.model_dump())
+                videos = await model.video.remote(options)
                 if len(videos) == 1:
                     return Response(videos[0], media_type="video/mp4")
                 return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
-            windows = model.options(stream=True).stream_video.remote(body.model_dump())
+            windows = model.options(stream=True).stream_video.remote(options)
             first = await windows.__anext__()  # a refusal comes before any window: answer it with a status
         except Exception as error:  # noqa: BLE001
             return _failure(error)
         return StreamingResponse(_events(first, windows), media_type="text/event-stream")
+
+    @api.post("/v1/images/generations", response_model=None)
+    async def image_generations(self, body: openai_api.ImageGeneration) -> Response:
+        """The OpenAI images API (serve/openai_api.py): {"created", "data": [{"b64_json"}, ...]}."""
+        try:
+            model = await self._describe(await self._model_name(body.model, "image"))
+            images = await self.models[model["id"]].images.remote(openai_api.image_options(body, model))
+        except Exception as error:  # noqa: BLE001
+            return _failure(error)
+        return JSONResponse(openai_api.images_response(images))
+
+    @api.post("/v1/videos/jobs", response_model=None)
+    async def create_video_job(self, body: VideoRequest) -> Response:
+        """A video job (serve/jobs.py), answered at once with its status."""
+        try:
+            name, options = await self._model_name(body.model, "video"), _video_options(body)
+            job = self.jobs.submit(name, self.models[name], options)
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+        return JSONResponse(self.jobs.describe(job))
+
+    @api.get("/v1/videos/jobs/{job_id}", response_model=None)
+    async def video_job(self, job_id: str) -> Response:
+        try:
+            return JSONResponse(self.jobs.describe(self.jobs.get(job_id)))
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+
+    @api.delete("/v1/videos/jobs/{job_id}", response_model=None)
+    async def cancel_video_job(self, job_id: str) -> Response:
+        """Cancel a queued or running job (its runner stops within one mask step); delete a finished one."""
+        try:
+            return JSONResponse(self.jobs.describe(await self.jobs.cancel(job_id)))
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+
+    @api.get("/v1/videos/jobs/{job_id}/content", response_model=None)
+    async def video_job_content(self, job_id: str, index: int = 0) -> Response:
+        """The job's video `index` (of its num_images_per_prompt x prompts), video/mp4, once it is done."""
+        try:
+            job = self.jobs.get(job_id)
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+        if job.status != "done":
+            return _error(409, f"job {job_id!r} is {job.status}, not done: it has no video"
+                          + (f" ({job.error})" if job.error else ""))
+        if not 0 <= index < len(job.videos):
+            return _error(404, f"job {job_id!r} made {len(job.videos)} videos; index must be in [0, {len(job.videos)})")
+        return Response(job.videos[index], media_type="video/mp4")
 
 
 # -- building the application ----------------------------------------------------------------------------------
@@ -334,13 +415,14 @@ class Ingress:
 
 def build_app(engines: list[str], *, backend: str = "auto", device: str | None = None, num_replicas: int = 1,
               num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 32, batch_wait_s: float = 0.02,
-              env: dict[str, str] | None = None) -> Application:
+              env: dict[str, str] | None = None, max_jobs: int = 64, job_keep_s: float = 3600) -> Application:
     """One NOVAModel deployment per engine folder (named by the folder) behind the ingress.
 
     num_cpus / num_gpus: each replica's Ray resources (num_gpus=1: one replica per GPU; Ray sets
     CUDA_VISIBLE_DEVICES, so the replica's "cuda" is its own GPU). max_ongoing_requests: requests a replica
     holds at once; at least twice the built batch lets the next batch fill while one runs. env: environment
-    variables of the replicas (e.g. NOVA_ORT_THREADS)."""
+    variables of the replicas (e.g. NOVA_ORT_THREADS). max_jobs: video jobs held at once (queued, running or
+    finished); job_keep_s: how long a finished job's video is kept."""
     if not engines:
         raise ValueError("give at least one engine folder")
     ids = [model_id(folder) for folder in engines]
@@ -351,7 +433,7 @@ def build_app(engines: list[str], *, backend: str = "auto", device: str | None =
                                       max_ongoing_requests=max_ongoing_requests)
               .bind(str(Path(folder).resolve()), backend, device, batch_wait_s)
               for name, folder in zip(ids, engines)}
-    return Ingress.bind(models)
+    return Ingress.bind(models, {"max_jobs": max_jobs, "keep_s": job_keep_s, "slots": num_replicas})
 
 
 def app_builder(args: dict[str, Any]) -> Application:
