@@ -10,6 +10,7 @@ NOVARunner call.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -133,10 +134,11 @@ def test_image_stream_reports_every_mask_step_then_the_image(server, image_runne
     with post(f"{server}/v1/images?stream=true", {"prompt": "a kite", "seed": 7, **STEPS}, stream=True) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         received = events(response)
-    assert [name for name, _ in received] == ["progress"] * 8 + ["done"]
-    assert [data["mask_steps_done"] for _, data in received[:-1]] == list(range(1, 9))
-    np.testing.assert_array_equal(pixels(base64.b64decode(received[-1][1]["images"][0])),
-                                  image_runner("a kite", seed=7, **STEPS).images[0])
+    steps: list = []
+    direct = image_runner("a kite", seed=7, on_step=steps.append, **STEPS)
+    assert [name for name, _ in received] == ["progress"] * len(steps) + ["done"]
+    assert [data for _, data in received[:-1]] == [dataclasses.asdict(step) for step in steps]
+    np.testing.assert_array_equal(pixels(base64.b64decode(received[-1][1]["images"][0])), direct.images[0])
 
 
 # -- video jobs ----------------------------------------------------------------------------------------------------
