@@ -1,7 +1,7 @@
 """Start the NOVA Ray Serve application: `python -m serve --engines engines/tiny-t2i-fp16 --port 8000`.
 
 Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS (e.g. `ray start --head` first),
-and serves until interrupted.
+and serves until interrupted. The web demo is at / (http://127.0.0.1:8000/ by default).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from runtime.cli import HelpFormatter, add_version
+from serve import jobs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ongoing-requests", type=int, default=32,
                    help="requests a replica holds at once (at least twice the engines' batch)")
     p.add_argument("--batch-wait-ms", type=float, default=20, help="longest wait for a batch to fill")
+    p.add_argument("--max-jobs", type=int, default=jobs.MAX_JOBS,
+                   help="video jobs held at once, queued, running or finished (POST /v1/videos/jobs)")
+    p.add_argument("--job-keep-s", type=float, default=jobs.KEEP_S, help="how long a finished video job is kept")
     return p
 
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = build_app(args.engines, backend=args.backend, device=args.device, num_replicas=args.replicas,
                     num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
-                    batch_wait_s=args.batch_wait_ms / 1000)
+                    batch_wait_s=args.batch_wait_ms / 1000, max_jobs=args.max_jobs, job_keep_s=args.job_keep_s)
     ray.init(include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="nova", route_prefix="/", blocking=True)

@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve import openai_api
 from serve.errors import Refused
-from serve.jobs import Jobs
+from serve import jobs
 from serve.progress import with_progress
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
 from serve.uploads import decode_image
@@ -276,11 +276,11 @@ async def _progress_events(stream) -> AsyncIterator[bytes]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, models: dict[str, DeploymentHandle], jobs: dict[str, float]):
-        """jobs: the video jobs' max_jobs, keep_s and slots (`serve.jobs.Jobs`)."""
+    def __init__(self, models: dict[str, DeploymentHandle], job_settings: dict[str, float]):
+        """job_settings: the video jobs' max_jobs, keep_s and slots (`serve.jobs.Jobs`)."""
         self.models = models
         self._described: dict[str, dict] = {}
-        self.jobs = Jobs(_explain, **jobs)
+        self.jobs = jobs.Jobs(_explain, **job_settings)
 
     async def _describe(self, name: str) -> dict:
         if name not in self._described:
@@ -415,7 +415,8 @@ class Ingress:
 
 def build_app(engines: list[str], *, backend: str = "auto", device: str | None = None, num_replicas: int = 1,
               num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 32, batch_wait_s: float = 0.02,
-              env: dict[str, str] | None = None, max_jobs: int = 64, job_keep_s: float = 3600) -> Application:
+              env: dict[str, str] | None = None, max_jobs: int = jobs.MAX_JOBS,
+              job_keep_s: float = jobs.KEEP_S) -> Application:
     """One NOVAModel deployment per engine folder (named by the folder) behind the ingress.
 
     num_cpus / num_gpus: each replica's Ray resources (num_gpus=1: one replica per GPU; Ray sets

@@ -15,13 +15,15 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from typing import Any, Callable
-
-from ray.serve.handle import DeploymentHandle
+from typing import TYPE_CHECKING, Any, Callable
 
 from serve.errors import Refused
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
+if TYPE_CHECKING:  # python -m serve --help imports this module without Ray
+    from ray.serve.handle import DeploymentHandle
+
+MAX_JOBS = 64  # the defaults of python -m serve and build_app
+KEEP_S = 3600.0
 FINISHED = ("done", "failed", "cancelled")
 
 
