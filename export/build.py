@@ -34,13 +34,15 @@ from runtime.graphs.common import ModuleCache
 from runtime.graphs.contract import GraphSpec
 from runtime.graphs.profile import POLICY_REASONS, BuildProfile, Geometry
 from runtime.graphs.specs import build_specs
+from runtime.sources import reachable_files
 from runtime.tokenizer import PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-EXPORT_SOURCES = ("export/onnx_export.py",)
-VALIDATION_SOURCES = ("export/validate.py",)
-ENGINE_SOURCES = ("export/tensorrt_build.py",)
+# the code each step runs, read from the imports (`runtime.sources`)
+EXPORT_SOURCES = reachable_files("export.onnx_export")
+VALIDATION_SOURCES = reachable_files("export.validate")
+ENGINE_SOURCES = reachable_files("export.tensorrt_build")
 
 
 class BuildError(RuntimeError):

@@ -2,7 +2,7 @@
 engines where TensorRT is installed. Run from the repository root:
 
     python export/build_engines.py --precision fp16
-    python export/build_engines.py --checkpoint /models/nova-d48w1024-osp480 --max-latent-length 9
+    python export/build_engines.py --checkpoint /models/nova-d48w1024-osp480 --latent-capacity 9
 
 The output folder holds one `<graph>.onnx` + `<graph>.onnx.data` per graph (+ `<graph>.plan` for
 TensorRT) and `manifest.json`, which records a content key per graph. Running the same command again
@@ -19,17 +19,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.cli import HelpFormatter, add_version  # noqa: E402  (torch-free: --help answers at once)
+from runtime.cli import HelpFormatter, add_version, positive_int  # noqa: E402  (torch-free: --help answers at once)
+from runtime.options import OPTIONS  # noqa: E402
 from runtime.variants import VARIANT_NAMES  # noqa: E402
 
 DEFAULT_SYNTHETIC = "tiny-t2i"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -66,27 +60,28 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--out", metavar="DIR", type=Path,
                      help="output folder (default: engines/<checkpoint name>-<precision>)")
     prof = p.add_argument_group("build profile (fixes every static shape)")
-    prof.add_argument("--prompts", type=_positive, default=1, help="prompts per call")
-    prof.add_argument("--images-per-prompt", type=_positive, default=1, help="images (or videos) per prompt")
+    prof.add_argument("--prompts", type=positive_int, default=1, help="prompts per call")
+    prof.add_argument("--images-per-prompt", type=positive_int, default=1, help="images (or videos) per prompt")
     prof.add_argument("--no-cfg", action="store_true",
                       help="build without the classifier-free-guidance batch (requests must use guidance_scale <= 1)")
-    prof.add_argument("--max-latent-length", type=_positive, default=None,
-                      help="longest video in latent frames = KV-cache capacity (default: 1 for image checkpoints, "
-                           "9 for video checkpoints)")
-    prof.add_argument("--min-mask-steps", type=_positive, default=64,
+    prof.add_argument("--latent-capacity", "--max-latent-length", type=positive_int, default=None, metavar="N",
+                      help="KV-cache capacity: the longest max_latent_length a request may use (default: 1 for image "
+                           "checkpoints, 9 for video checkpoints)")
+    prof.add_argument("--min-mask-steps", type=positive_int, default=OPTIONS["num_inference_steps"].default,
                       help="fewest num_inference_steps a request may use; sets the tokens per mask step")
-    prof.add_argument("--max-tokens-per-step", type=_positive, default=None,
+    prof.add_argument("--max-tokens-per-step", type=positive_int, default=None,
                       help="tokens per mask step, overriding the value derived from --min-mask-steps")
-    prof.add_argument("--diffusion-steps", type=_positive, default=25,
-                      help="num_diffusion_steps the diffusion loop is unrolled for (one launch per mask step); "
-                           "requests with another num_diffusion_steps run one launch per diffusion step")
+    prof.add_argument("--loop-diffusion-steps", "--diffusion-steps", type=positive_int, metavar="S",
+                      default=OPTIONS["num_diffusion_steps"].default,
+                      help="the num_diffusion_steps whose whole diffusion loop is one graph (one launch per mask "
+                           "step); requests with another num_diffusion_steps run one launch per diffusion step")
     prof.add_argument("--no-image-to-video", action="store_true", help="video checkpoints: skip the VAE encoder")
     prof.add_argument("--third-guidance-pass", action="store_true",
                       help="serves image_guidance_scale and spatiotemporal_guidance_scale; costs a third more "
                            "transformer compute (needs CFG)")
     prof.add_argument("--guidance-renorm", action="store_true",
                       help="serve guidance_renorm: denoise_loop carries the whole token grid (its norms run over every "
-                           "token), for requests at the built --diffusion-steps (needs CFG)")
+                           "token), for requests at the built --loop-diffusion-steps (needs CFG)")
     run = p.add_argument_group("build")
     run.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                      help="torch.onnx exporter (measured in engines/README.md)")
@@ -94,9 +89,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rebuild even when the content key is unchanged")
     run.add_argument("--skip-validation", action="store_true",
                      help="do not run the graphs in ONNX Runtime after export (recorded in the manifest)")
-    run.add_argument("--validate-frames", type=_positive, default=3,
+    run.add_argument("--validate-frames", type=positive_int, default=3,
                      help="frames of the multi-frame KV-cache check of the temporal graphs")
-    run.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime threads for validation")
+    run.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads for validation")
     run.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
     run.add_argument("--optimization-level", type=int, choices=range(6), default=3,
                      help="TensorRT builder optimization level")
@@ -128,8 +123,8 @@ def _build(args: argparse.Namespace) -> int:
         folder = resolve_checkpoint(args.checkpoint, args.synthetic or DEFAULT_SYNTHETIC)
         out = args.out or Path("engines") / f"{Path(folder).resolve().name}-{args.precision}"
         profile = BuildProfile(prompts=args.prompts, images_per_prompt=args.images_per_prompt, cfg=not args.no_cfg,
-                               max_latent_length=args.max_latent_length, min_mask_steps=args.min_mask_steps,
-                               max_tokens_per_step=args.max_tokens_per_step, diffusion_steps=args.diffusion_steps,
+                               max_latent_length=args.latent_capacity, min_mask_steps=args.min_mask_steps,
+                               max_tokens_per_step=args.max_tokens_per_step, diffusion_steps=args.loop_diffusion_steps,
                                image_to_video=not args.no_image_to_video, third_pass=args.third_guidance_pass,
                                guidance_renorm=args.guidance_renorm)
         options = BuildOptions(

@@ -8,7 +8,8 @@ every write is atomic (temporary file + rename).
 
 Content key of a graph's ONNX artifact = sha256 over
     weights    the tensors of its checkpoint component that the graph uses (+ that component's config)
-    code       the repository sources that define and export it
+    code       the repository files that define and export it: the graph's module, the exporter and all
+               they import (read from the source, `runtime.sources`)
     graph      its declaration: I/O names, dtypes, shapes (= the build profile as it affects this graph)
     precision  its compute precision
     toolchain  torch / onnx / onnxscript (+ transformers or diffusers) versions, exporter and opset

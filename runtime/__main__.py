@@ -3,30 +3,42 @@
     python -m runtime generate --engines DIR --prompt "..." --out out.png|out.mp4   (the runner, over built engines)
     python -m runtime reference (--checkpoint DIR | --synthetic VARIANT) --prompt "..." --out ...   (eager reference)
 
-Flags are named after the pipeline options they set (`--num-inference-steps` sets num_inference_steps);
-`--steps`, `--diffusion-steps` and `--latent-length` remain as short aliases. The request and `--out`
-are checked before anything is loaded. Exit status: 0 done, 2 refused, 130 interrupted.
+The generation flags are made from the option declarations (`runtime.options`) and named after the
+options they set (`--num-inference-steps` sets num_inference_steps); `--steps`, `--diffusion-steps` and
+`--latent-length` remain as short aliases. The request, `--seed` and `--out` are checked before anything
+is loaded (for `reference`, before torch is imported). Exit status: 0 done, 2 refused, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from runtime.cli import HelpFormatter, add_version
-from runtime.variants import VARIANT_NAMES
+# Only light modules here: PIL, PyAV and the config and request readers load inside the commands, so
+# --help and argument errors answer at once.
+from runtime.cli import HelpFormatter, add_version, positive_int, progress_stream
+from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
+from runtime.variants import SYNTHETIC_ROOT, VARIANT_NAMES
 
-# Pipeline options named in the runner's messages -> the flags that set them. Only the underscored
-# names: "prompt" and "image" are also plain words of those messages.
-_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "num_inference_steps", "num_diffusion_steps", "guidance_scale", "max_latent_length", "motion_flow",
-    "negative_prompt")}
+# The options that are flags: the numbers and the negative prompt. --prompt (one string, required) and
+# --image (a file) are written out below; arrays (latents, text features) have no flag.
+FLAG_OPTIONS = tuple(o for o in OPTIONS.values() if o.type in (int, float) or o.name == "negative_prompt")
+SHORT_ALIASES = {"num_inference_steps": "--steps", "num_diffusion_steps": "--diffusion-steps",
+                 "max_latent_length": "--latent-length"}
+DEFAULT_THREADS = len(os.sched_getaffinity(0))  # the CPUs this process may use: more threads only oversubscribe
+
+# Options named in the runner's messages -> the flags that set them. Only the underscored names: "prompt"
+# and "image" are also plain words of those messages.
+_FLAGS = {o.name: o.flag for o in FLAG_OPTIONS if "_" in o.name}
 _OPTION_NAMES = re.compile(r"\b(" + "|".join(_FLAGS) + r")\b")
 
 
@@ -53,47 +65,44 @@ def save_output(pixels: np.ndarray, out: Path, fps: int) -> list[Path]:
     return written
 
 
-def _frame_rate(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 240:
-        raise argparse.ArgumentTypeError(f"must be 1 to 240, got {value}")
-    return value
+def _checked(option: Option) -> Callable[[str], Any]:
+    """An argparse type: the option's own range check, so a flag error reads like the request's."""
+    def check(text: str):
+        try:
+            return option.check(option.type(text))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{option.name} ")) from None
+    return check
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen = parser.add_argument_group("generation (the pipeline's options, with its defaults)")
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="what to generate")
-    gen.add_argument("--negative-prompt", metavar="TEXT",
-                     help="what to steer away from (default: the learned null text)")
-    gen.add_argument("--num-inference-steps", "--steps", type=int, default=64, metavar="N",
-                     help="mask (set-by-set) steps per frame")
-    gen.add_argument("--num-diffusion-steps", "--diffusion-steps", type=int, default=25, metavar="N",
-                     help="denoising steps of the diffusion head per mask step")
-    gen.add_argument("--guidance-scale", type=float, default=5.0, metavar="SCALE",
-                     help="classifier-free guidance; <= 1 turns it off")
-    gen.add_argument("--max-latent-length", "--latent-length", type=int, default=1, metavar="N",
-                     help="latent frames: 1 = an image; on video checkpoints n > 1 = 1 + 4 (n - 1) frames")
-    gen.add_argument("--motion-flow", type=float, metavar="FLOW",
-                     help="motion strength of video checkpoints (default: 5; image checkpoints ignore it)")
+    for option in FLAG_OPTIONS:
+        unset = f" (default: None {option.unset})" if option.unset else ""
+        gen.add_argument(option.flag, *filter(None, [SHORT_ALIASES.get(option.name)]), type=option.type,
+                         default=option.default, metavar=option.metavar, help=option.help + unset)
     gen.add_argument("--image", type=Path, metavar="PNG",
                      help="an image of any size (centre-cropped and resized to the model resolution, as the "
                           "official demo does): image-to-video from this first frame")
-    gen.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw")
+    gen.add_argument(SEED.flag, type=_checked(SEED), default=0, metavar="N",
+                     help=f"{SEED.help}, {SEED.minimum} <= N < 2**{SEED_LIMIT.bit_length() - 1}")
+    gen.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
+                     help="intra-op threads of torch (reference) and ONNX Runtime (generate); default: the CPUs "
+                          f"this process may run on ({DEFAULT_THREADS} here)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, type=Path, metavar="PATH",
                      help="an image: .png; a video: .mp4, with a .png strip of its frames beside it")
-    out.add_argument("--fps", type=_frame_rate, default=12, metavar="N", help="mp4 frame rate, 1 to 240")
+    out.add_argument(FPS.flag, type=_checked(FPS), default=FPS.default, metavar="N",
+                     help=f"{FPS.help}, {FPS.minimum} to {FPS.maximum}")
 
 
 def _options(args: argparse.Namespace) -> dict:
-    image = None
-    if args.image:
-        from PIL import Image
+    """The request's options as the runner and the reference take them."""
+    from PIL import Image
 
-        image = np.asarray(Image.open(args.image).convert("RGB"))
-    return dict(negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
-                num_diffusion_steps=args.num_diffusion_steps, guidance_scale=args.guidance_scale,
-                max_latent_length=args.max_latent_length, motion_flow=args.motion_flow, image=image)
+    image = np.asarray(Image.open(args.image).convert("RGB")) if args.image else None
+    return {o.name: getattr(args, o.name) for o in FLAG_OPTIONS} | {"image": image}
 
 
 def _transformer_config(folder: Path):
@@ -134,6 +143,20 @@ def _check_request(args: argparse.Namespace, options: dict, config) -> None:
     _check_out(args.out, options["max_latent_length"] > 1)
 
 
+@contextlib.contextmanager
+def _ort_threads(threads: int) -> Iterator[None]:
+    """ONNX Runtime's thread count for the sessions opened inside (the backend reads NOVA_ORT_THREADS)."""
+    before = os.environ.get("NOVA_ORT_THREADS")
+    os.environ["NOVA_ORT_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NOVA_ORT_THREADS"]
+        else:
+            os.environ["NOVA_ORT_THREADS"] = before
+
+
 def _generate(args: argparse.Namespace) -> str:
     from runtime.engine_folder import CONFIGS_DIR
 
@@ -143,10 +166,12 @@ def _generate(args: argparse.Namespace) -> str:
     from runtime.runner import NOVARunner
 
     start = time.perf_counter()
-    runner = NOVARunner.from_engines(args.engines, backend=args.backend, device=args.device)
+    with _ort_threads(args.threads):
+        runner = NOVARunner.from_engines(args.engines, backend=args.backend, device=args.device)
     loaded = time.perf_counter()
     print(f"loaded {args.engines} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
-    output = runner(args.prompt, seed=args.seed, return_timings=True, progress=sys.stderr.isatty(), **options)
+    with progress_stream() as stderr, contextlib.redirect_stderr(stderr):  # the runner's bar writes to stderr
+        output = runner(args.prompt, seed=args.seed, return_timings=True, progress=True, **options)
     pixels = output.images if output.images is not None else output.frames
     written = save_output(pixels, args.out, args.fps)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in output.timings.items())
@@ -155,22 +180,27 @@ def _generate(args: argparse.Namespace) -> str:
 
 
 def _reference(args: argparse.Namespace) -> str:
-    from runtime.checkpoint import resolve_checkpoint
-
-    folder = resolve_checkpoint(args.checkpoint, args.synthetic)
     options = _options(args)
-    _check_request(args, options, _transformer_config(folder))
+    # A synthetic variant not written yet has no config to check against until it is (after torch).
+    config = _transformer_config(Path(args.checkpoint) if args.checkpoint else SYNTHETIC_ROOT / args.synthetic)
+    _check_request(args, options, config)
 
     import torch
 
+    from runtime.checkpoint import resolve_checkpoint
     from runtime.reference import ReferencePipeline
 
+    torch.set_num_threads(args.threads)
+    folder = resolve_checkpoint(args.checkpoint, args.synthetic)
+    if config is None:
+        _check_request(args, options, _transformer_config(folder))
     start = time.perf_counter()
     pipe = ReferencePipeline.from_pretrained(folder)
     loaded = time.perf_counter()
     print(f"loaded {folder} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
-    output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed),
-                  disable_progress_bar=not sys.stderr.isatty(), output_type="np", **options)
+    with progress_stream() as stderr, contextlib.redirect_stderr(stderr):
+        output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), disable_progress_bar=False,
+                      output_type="np", **options)
     pixels = output.images if output.images is not None else output.frames
     written = save_output(pixels, args.out, args.fps)
     return (f"loaded in {loaded - start:.1f} s, generated in {time.perf_counter() - loaded:.1f} s; wrote "

@@ -37,7 +37,7 @@ from runtime.configs import CheckpointError, read_json, transformer_config
 from runtime.model.config import NOVAConfig
 from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
 from runtime.model.transformer import NOVATransformer3DModel
-from runtime.variants import VARIANT_NAMES
+from runtime.variants import SYNTHETIC_ROOT, VARIANT_NAMES
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -359,9 +359,6 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int)
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(v.numel() * v.element_size() for v in shard.values())
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-SYNTHETIC_ROOT = Path("checkpoints/synthetic")  # relative: the commands run from the repository root
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None, variant: str | None, *,

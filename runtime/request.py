@@ -6,17 +6,15 @@ Shared by the reference pipeline and the runner; it needs neither torch nor a ba
 from __future__ import annotations
 
 import dataclasses
-import numbers
+from typing import Any, Sequence
 
 import numpy as np
+import PIL.Image
 
 from runtime.guidance_plan import GuidancePlan
 from runtime.images import fit_image
-
-MAX_MASK_STEPS = 1 << 20  # the schedule is computed over every step: a bound keeps absurd requests cheap to refuse
-# The official default; `motion_flow=None` means it. Image checkpoints ignore it, as the official
-# pipeline does (its call passes motion_flow=5 to every checkpoint).
-DEFAULT_MOTION_FLOW = 5.0
+from runtime.model.config import NOVAConfig
+from runtime.options import DEFAULT_MOTION_FLOW, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,25 +72,6 @@ class Request:
         return tuple(name for name, on in used.items() if on)
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _at_least(name: str, value, minimum: float) -> float:
-    number = _number(name, value)
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
-    return number
-
-
 def _prompt_list(name: str, value, count: int | None = None) -> list[str]:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not values:
@@ -105,6 +84,9 @@ def _prompt_list(name: str, value, count: int | None = None) -> list[str]:
         if len(values) == 1:
             return list(values) * count
         raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
+    long = next((i for i, v in enumerate(values) if len(v) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        raise ValueError(f"{name} entry {long} has {len(values[long])} characters: at most {MAX_PROMPT_CHARS}")
     return list(values)
 
 
@@ -122,8 +104,6 @@ def _embeds_list(name: str, value, dim: int, count: int | None = None) -> list:
 
 def _image(image, height: int, width: int) -> np.ndarray:
     """Any-size uint8 RGB picture -> the model resolution, as the official demo prepares it (`fit_image`)."""
-    import PIL.Image
-
     if not isinstance(image, PIL.Image.Image) and not (
             isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
             and image.size > 0):
@@ -143,16 +123,19 @@ def _latent_frames(value, shape: tuple[int, ...]) -> list:
     return list(value)
 
 
-def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
-                     num_inference_steps=64, num_diffusion_steps=25, guidance_scale=5.0, max_latent_length=1,
-                     motion_flow=None, image=None, num_images_per_prompt=1, guidance_trunc=0, guidance_renorm=1,
-                     image_guidance_scale=0, spatiotemporal_guidance_scale=0, flow_shift=None, latents=None,
-                     **unknown) -> Request:
-    """The official pipeline's options with its defaults (the one place the runner takes them from),
-    checked against the checkpoint before any work; raise ValueError naming the problem (TypeError for
-    an option that does not exist)."""
+def validate_request(config: NOVAConfig, prompt: str | Sequence[str] | None = None, **options: Any) -> Request:
+    """The official pipeline's options with their declared defaults and ranges (`runtime.options`), checked
+    against the checkpoint before any work; raise ValueError naming the problem (TypeError for an option
+    that does not exist)."""
+    unknown = options.keys() - OPTIONS.keys()
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    given = {name: option.default for name, option in OPTIONS.items()} | options | {"prompt": prompt}
+    number = {name: option.check(given[name]) for name, option in OPTIONS.items() if option.type in (int, float)
+              and name != "num_inference_steps"}
+    prompt, prompt_embeds, latents = given["prompt"], given["prompt_embeds"], given["latents"]
+    negative_prompt, negative_prompt_embeds, image = (given["negative_prompt"], given["negative_prompt_embeds"],
+                                                      given["image"])
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds")
     prompts = _prompt_list("prompt", prompt) if prompt is not None else None
@@ -164,13 +147,12 @@ def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds
         if negative_prompt is not None:
             raise ValueError("give at most one of negative_prompt and negative_prompt_embeds")
         negative_embeds = _embeds_list("negative_prompt_embeds", negative_prompt_embeds, config.text_token_dim, count)
-    length = _positive_int("max_latent_length", max_latent_length)
+    length = number["max_latent_length"]
     if length > 1 and not config.has_motion:
         raise ValueError(f"this is an image checkpoint: max_latent_length must be 1, got {length}")
-    steps = _positive_int("num_inference_steps", num_inference_steps)
-    if steps > MAX_MASK_STEPS:
-        raise ValueError(f"num_inference_steps must be at most {MAX_MASK_STEPS} (steps beyond a frame's "
-                         f"{config.num_image_tokens} tokens predict nothing and are dropped), got {steps}")
+    steps = OPTIONS["num_inference_steps"].check(
+        given["num_inference_steps"],
+        why_maximum=f"steps beyond a frame's {config.num_image_tokens} tokens predict nothing and are dropped")
     if image is not None:
         if not config.has_motion:
             raise ValueError("image-to-video needs a video checkpoint; this one generates images")
@@ -178,29 +160,23 @@ def validate_request(config, prompt=None, *, negative_prompt=None, prompt_embeds
             raise ValueError("give at most one of image and latents (the official pipeline ignores image when "
                              "latents are given)")
         image = _image(image, *config.image_size)
-    batch = count * _positive_int("num_images_per_prompt", num_images_per_prompt)
-    guidance = _number("guidance_scale", guidance_scale)
-    extra_pass = {name: _at_least(name, value, 0) for name, value in
-                  (("image_guidance_scale", image_guidance_scale),
-                   ("spatiotemporal_guidance_scale", spatiotemporal_guidance_scale))}
-    on = [name for name, value in extra_pass.items() if value > 0]
+    batch = count * number["num_images_per_prompt"]
+    if batch > MAX_IMAGES_PER_REQUEST:
+        raise ValueError(f"{count} prompt(s) x {number['num_images_per_prompt']} image(s) per prompt = {batch} "
+                         f"images: at most {MAX_IMAGES_PER_REQUEST} per request")
+    guidance = number["guidance_scale"]
+    on = [name for name in ("image_guidance_scale", "spatiotemporal_guidance_scale") if number[name] > 0]
     if len(on) == 2:  # each adds its own third pass; the official code stacks 4 text rows on 3 frame rows and fails
         raise ValueError("image_guidance_scale and spatiotemporal_guidance_scale cannot be combined (each adds its "
                          "own third guidance pass; the official pipeline fails on both)")
     if on and guidance <= 1:  # officially the third pass's rows are cut from a CFG batch that does not exist
         raise ValueError(f"{on[0]} needs guidance_scale > 1 (it adds a third pass to classifier-free guidance)")
-    if flow_shift is not None and _number("flow_shift", flow_shift) <= 0:
-        raise ValueError(f"flow_shift must be > 0 (None keeps the scheduler's shift), got {flow_shift!r}")
     return Request(
         prompts=prompts, negative_prompts=negatives, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
-        num_inference_steps=steps,
-        num_diffusion_steps=_positive_int("num_diffusion_steps", num_diffusion_steps),
-        guidance_scale=guidance, max_latent_length=length,
-        motion_flow=DEFAULT_MOTION_FLOW if motion_flow is None else _number("motion_flow", motion_flow), image=image,
-        num_images_per_prompt=_positive_int("num_images_per_prompt", num_images_per_prompt),
-        guidance_trunc=_at_least("guidance_trunc", guidance_trunc, 0),
-        guidance_renorm=_at_least("guidance_renorm", guidance_renorm, 0),
-        image_guidance_scale=extra_pass["image_guidance_scale"],
-        spatiotemporal_guidance_scale=extra_pass["spatiotemporal_guidance_scale"],
-        flow_shift=None if flow_shift is None else float(flow_shift),
+        num_inference_steps=steps, num_diffusion_steps=number["num_diffusion_steps"], guidance_scale=guidance,
+        max_latent_length=length,
+        motion_flow=DEFAULT_MOTION_FLOW if number["motion_flow"] is None else number["motion_flow"], image=image,
+        num_images_per_prompt=number["num_images_per_prompt"], guidance_trunc=number["guidance_trunc"],
+        guidance_renorm=number["guidance_renorm"], image_guidance_scale=number["image_guidance_scale"],
+        spatiotemporal_guidance_scale=number["spatiotemporal_guidance_scale"], flow_shift=number["flow_shift"],
         latents=None if latents is None else _latent_frames(latents, (batch, config.image_dim, *config.latent_size)))

@@ -32,9 +32,8 @@ from ray.serve import Application
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve import openai_api
+from serve import jobs, openai_api
 from serve.errors import Refused
-from serve import jobs
 from serve.progress import with_progress
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
 from serve.uploads import decode_image

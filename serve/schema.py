@@ -1,39 +1,46 @@
-"""The HTTP request models. Unknown fields and wrong JSON types are refused (422); values are checked by the
-runner (400, its one-sentence refusal)."""
+"""The HTTP request models, made from the option declarations (`runtime.options`): names, JSON types and
+defaults come from there, so they cannot drift from the runner's. Unknown fields and wrong JSON types are
+refused (422); values are checked by the runner (400, its one-sentence refusal), except the seed and the
+frame rate, which only the service takes."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
+
+# The runner's options each endpoint takes, under the runner's names.
+IMAGE_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
+                 "guidance_trunc", "flow_shift", "num_images_per_prompt")
+VIDEO_OPTIONS = (*IMAGE_OPTIONS, "max_latent_length", "motion_flow")
+RUNNER_OPTIONS = (*VIDEO_OPTIONS, "image")  # image: a base64 string over HTTP, decoded by the ingress (serve/uploads.py)
 
 
-class _Options(BaseModel):
-    """Options shared by images and videos: the runner's, under its names. Unknown fields and wrong
-    JSON types are refused (422); values are checked by the runner (400, its one-sentence refusal)."""
-
+class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None  # an id of GET /v1/models; default: the only model of the endpoint's kind
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2 ** 64)  # None: a random seed
-    num_inference_steps: int = 64
-    num_diffusion_steps: int = 25
-    guidance_scale: float = 5.0
-    guidance_trunc: float = 0.0  # the official options the compiled runner serves
-    flow_shift: float | None = None
-    num_images_per_prompt: int = 1
+    seed: int | None = Field(SEED.default, ge=SEED.minimum, lt=SEED_LIMIT, description=SEED.help)
 
 
-class ImageRequest(_Options):
-    pass
+def _field(option: Option) -> tuple[Any, Any]:
+    """A declared option as a pydantic field: its JSON type and default. The prompt is required here
+    (HTTP takes no text features)."""
+    kind = str | list[str] if option.type is str else option.type
+    if option.name == "prompt":
+        return kind, Field(description=option.help)
+    return (kind | None if option.default is None else kind), Field(option.default, description=option.help)
 
 
-class VideoRequest(_Options):
-    max_latent_length: int = 1
-    motion_flow: float | None = None
-    fps: int = Field(12, ge=1, le=240)
-    image: str | None = None  # image-to-video: the first frame, a base64 PNG or JPEG (serve/uploads.py)
+def _model(name: str, names: tuple[str, ...], **extra: tuple[Any, Any]) -> type[BaseModel]:
+    return create_model(name, __base__=_Request, **{n: _field(OPTIONS[n]) for n in names}, **extra)
 
 
-RUNNER_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
-                  "guidance_trunc", "flow_shift", "num_images_per_prompt", "max_latent_length", "motion_flow", "image")
+ImageRequest = _model("ImageRequest", IMAGE_OPTIONS)
+VideoRequest = _model("VideoRequest", VIDEO_OPTIONS,
+                      fps=(int, Field(FPS.default, ge=FPS.minimum, le=FPS.maximum, description=FPS.help)),
+                      image=(str | None, Field(None, description=f"{OPTIONS['image'].help}, as a base64 PNG or JPEG")))
+
+__all__ = ["IMAGE_OPTIONS", "ImageRequest", "RUNNER_OPTIONS", "VIDEO_OPTIONS", "VideoRequest"]

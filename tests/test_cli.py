@@ -84,8 +84,31 @@ def test_flags_are_named_like_the_options_with_the_short_forms_as_aliases():
                                     "--num-inference-steps", "9", "--num-diffusion-steps", "3",
                                     "--max-latent-length", "5", "--motion-flow", "2"])
     assert args == long
-    assert cli._options(args) == dict(negative_prompt=None, num_inference_steps=9, num_diffusion_steps=3,
-                                      guidance_scale=5.0, max_latent_length=5, motion_flow=2.0, image=None)
+    defaults = {o.name: o.default for o in cli.FLAG_OPTIONS}
+    assert cli._options(args) == defaults | dict(num_inference_steps=9, num_diffusion_steps=3, max_latent_length=5,
+                                                 motion_flow=2.0, image=None)
+
+
+def test_the_build_capacity_flags_read_as_capacities_with_the_old_spellings_as_aliases():
+    new = build_engines.parser().parse_args(["--latent-capacity", "9", "--loop-diffusion-steps", "4"])
+    old = build_engines.parser().parse_args(["--max-latent-length", "9", "--diffusion-steps", "4"])
+    assert new == old and (new.latent_capacity, new.loop_diffusion_steps) == (9, 4)
+    defaults = build_engines.parser().parse_args([])
+    assert (defaults.latent_capacity, defaults.loop_diffusion_steps, defaults.min_mask_steps) == (None, 25, 64)
+
+
+def test_the_cli_takes_every_number_option_of_the_api():
+    args = cli.parser().parse_args(["reference", "--synthetic", "tiny-t2i", "--prompt", "p", "--out", "o.png",
+                                    "--num-images-per-prompt", "2", "--guidance-trunc", "0.5", "--flow-shift", "3",
+                                    "--image-guidance-scale", "1.5", "--spatiotemporal-guidance-scale", "0.5",
+                                    "--guidance-renorm", "0.8", "--threads", "3"])
+    assert {k: v for k, v in cli._options(args).items() if k in {
+        "num_images_per_prompt", "guidance_trunc", "flow_shift", "image_guidance_scale",
+        "spatiotemporal_guidance_scale", "guidance_renorm"}} == dict(
+        num_images_per_prompt=2, guidance_trunc=0.5, flow_shift=3.0, image_guidance_scale=1.5,
+        spatiotemporal_guidance_scale=0.5, guidance_renorm=0.8)
+    assert args.threads == 3 and cli.parser().parse_args(["generate", "--engines", "e", "--prompt", "p", "--out",
+                                                          "o.png"]).threads == len(os.sched_getaffinity(0))
 
 
 @pytest.fixture
@@ -122,6 +145,49 @@ def test_the_request_is_checked_before_the_out_suffix_with_flag_names(t2i_engine
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64), str(2 ** 70)])
+@pytest.mark.parametrize("command", ["generate", "reference"])
+def test_the_seed_range_is_checked_before_loading_naming_the_flag(command, seed, t2i_engines, tiny_t2i, tmp_path,
+                                                                  capsys, no_loading):
+    source = ["--engines", str(t2i_engines)] if command == "generate" else ["--checkpoint", str(tiny_t2i)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, *source, "--prompt", "a fox", "--seed", seed, "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --seed: must be (an integer >= 0|at most 18446744073709551615), got",
+                     capsys.readouterr().err)
+
+
+def test_reference_checks_the_request_without_importing_torch(tiny_t2i, tmp_path):
+    blocked = ("import sys; sys.modules['torch'] = None; from runtime.__main__ import main; "
+               f"sys.exit(main(['reference', '--checkpoint', {str(tiny_t2i)!r}, '--prompt', 'a', "
+               f"'--num-diffusion-steps', '1001', '--out', {str(tmp_path / 'x.png')!r}]))")
+    result = _run("-c", blocked)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: --num-diffusion-steps must be at most 1000 (the schedulers' 1000 training " \
+                            "timesteps), got 1001\n"
+
+
+def test_threads_reach_torch_and_onnxruntime(t2i_engines, tiny_t2i, tmp_path, monkeypatch):
+    import torch
+
+    from runtime.runner import NOVARunner
+
+    opened = []
+    from_engines = NOVARunner.from_engines
+    monkeypatch.setattr(NOVARunner, "from_engines", lambda *a, **k: opened.append(from_engines(*a, **k)) or opened[-1])
+    assert _generate(t2i_engines, *FAST, "--threads", "1", "--out", str(tmp_path / "a.png")) == 0
+    session = next(iter(opened[0].backend.sessions.values()))
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert "NOVA_ORT_THREADS" not in os.environ  # set for the sessions only
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["reference", "--checkpoint", str(tiny_t2i), "--prompt", "a", "--steps", "2",
+                         "--diffusion-steps", "1", "--threads", "1", "--out", str(tmp_path / "b.png")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_runner_messages_name_the_flags(t2i_engines, tmp_path, capsys):
     # engines built for >= 8 mask steps: the runner refuses 2, after loading
     assert _generate(t2i_engines, "--steps", "2", "--out", str(tmp_path / "x.png")) == 2
@@ -130,13 +196,35 @@ def test_runner_messages_name_the_flags(t2i_engines, tmp_path, capsys):
         "--guidance-scale 1 turns off; --max-latent-length, --motion-flow, --negative-prompt, prompt"
 
 
-def test_any_case_of_the_suffix_and_no_progress_bar_off_a_terminal(t2i_engines, tmp_path, capsys):
+def test_any_case_of_the_suffix(t2i_engines, tmp_path, capsys):
     out = tmp_path / "new" / "FOX.PNG"
     assert _generate(t2i_engines, *FAST, "--motion-flow", "5", "--out", str(out)) == 0
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
-    captured = capsys.readouterr()
-    assert "\r" not in captured.err and "mask steps" not in captured.err  # stderr is not a terminal here
-    assert "onnxruntime backend" in captured.out
+    assert "onnxruntime backend" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["generate", "reference"])
+def test_progress_is_plain_lines_when_stderr_is_a_pipe(command, t2i_engines, tiny_t2i, tmp_path):
+    source = ["--engines", str(t2i_engines)] if command == "generate" else ["--checkpoint", str(tiny_t2i)]
+    result = _run("-m", "runtime", command, *source, "--prompt", "a fox", *FAST, "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    assert re.search(r"^mask steps: +0%.* 0/\d+ ", result.stderr, re.M), result.stderr
+
+
+def test_progress_lines_are_one_per_interval():
+    import io
+
+    from runtime.cli import ProgressLines
+
+    log = io.StringIO()
+    lines = ProgressLines(log, interval=3600)
+    for text in ["\rbar 0/9", "\rbar 1/9", "a warning\n", "\r     \r"]:
+        lines.write(text)
+    assert log.getvalue() == "bar 0/9\na warning\n"
+    lines.interval = 0
+    lines.write("\rbar 2/9")
+    assert log.getvalue().endswith("bar 2/9\n")
 
 
 def test_a_one_latent_video_is_written_once_as_a_png(tiny_t2v, tmp_path, capsys):
@@ -166,11 +254,12 @@ def _interrupt(args, stream: str):
 
 def test_ctrl_c_during_a_generation_prints_one_line_and_exits_130(t2i_engines, tmp_path):
     out = tmp_path / "x.png"
-    # 64 mask x 20000 denoising steps: minutes of work, interrupted once it has started
+    # 64 mask x 1000 denoising steps: minutes of work, interrupted once it has started
     code, first, _, err = _interrupt(["-m", "runtime", "generate", "--engines", str(t2i_engines), "--prompt", "a fox",
-                                      "--num-diffusion-steps", "20000", "--out", str(out)], "stderr")
+                                      "--num-diffusion-steps", "1000", "--out", str(out)], "stderr")
     assert first.endswith("generating\n")
-    assert code == 130 and err == "interrupted\n"  # two lines of stderr in all
+    *progress, last = err.splitlines()
+    assert code == 130 and last == "interrupted" and all(line.startswith("mask steps") for line in progress)
     assert list(tmp_path.iterdir()) == []
 
 

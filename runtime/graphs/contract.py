@@ -17,7 +17,9 @@ Conventions shared with the runner:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import torch
@@ -25,18 +27,51 @@ from torch import nn
 
 from runtime.configs import CheckpointConfigs
 from runtime.graphs.profile import PRECISION_DTYPES, BuildProfile, Geometry
+from runtime.sources import reachable_files
+
+
+_SIZE_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def size_expression(text: str) -> ast.expr:
+    """A shape entry that is not an int: a dynamic dim's name, or an expression of names and integers with
+    +, - and * (e.g. '4*window-3'); -> its syntax tree. Anything else is refused."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        tree = None
+    allowed = (ast.BinOp, ast.Name, ast.Load, *_SIZE_OPERATORS)
+    if tree is None or not all(isinstance(n, allowed) or (isinstance(n, ast.Constant) and type(n.value) is int)
+                               for n in ast.walk(tree)):
+        raise ValueError(f"shape entry {text!r} is not a dim name or an expression of names and integers "
+                         f"with +, - and *")
+    return tree
+
+
+def _size(node: ast.expr, dims: dict[str, int], text: str) -> int:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in dims:
+            raise ValueError(f"shape entry {text!r} needs dim {node.id!r}; given {', '.join(dims) or 'none'}")
+        return dims[node.id]
+    return _SIZE_OPERATORS[type(node.op)](_size(node.left, dims, text), _size(node.right, dims, text))
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # a torch dtype's name: float32, float16, bfloat16, int64, uint8, bool
-    shape: tuple[int | str, ...]  # ints, or names of dynamic dims
+    shape: tuple[int | str, ...]  # ints, names of dynamic dims, or expressions of them (`size_expression`)
+
+    def __post_init__(self):
+        for entry in self.shape:
+            if isinstance(entry, str):
+                size_expression(entry)  # refused at declaration, not at first use
 
     def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """Sizes for given dynamic dims; a derived size is an expression of them, e.g. '4*window-3'."""
-        return tuple(d if isinstance(d, int) else dims[d] if d in dims else int(eval(d, {"__builtins__": {}}, dims))
-                     for d in self.shape)
+        """Sizes for given dynamic dims."""
+        return tuple(d if isinstance(d, int) else _size(size_expression(d), dims, d) for d in self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -127,9 +162,10 @@ class GraphContext:
         return self.modules(component, self.precisions[graph])
 
 
-def sources(*files: str) -> tuple[str, ...]:
-    """The files whose code defines a graph: the contract and profile, plus the graph's own."""
-    return ("runtime/graphs/contract.py", "runtime/graphs/common.py", "runtime/graphs/profile.py", *files)
+def sources(module: str) -> tuple[str, ...]:
+    """The files whose code defines a graph declared in `module`: its own and all it imports (read from the
+    source, `runtime.sources`), so no list of paths can miss a dependency."""
+    return reachable_files(module)
 
 
 # -------------------------------------------------------------------------------------------------

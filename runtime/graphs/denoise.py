@@ -14,7 +14,7 @@ from runtime.graphs.profile import NO_CLIP, Geometry
 from runtime.model.transformer import DiffusionMLP, NOVATransformer3DModel, patchify, unpatchify
 from runtime.schedules import SamplerTable
 
-SOURCES = sources("runtime/graphs/denoise.py", "runtime/model/transformer.py", "runtime/model/config.py")
+SOURCES = sources(__name__)
 
 
 def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, x: torch.Tensor,

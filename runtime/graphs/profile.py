@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.model.config import NOVAConfig
+from runtime.options import OPTIONS
 from runtime.schedules import mask_schedule
 
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision -> dtype name
@@ -100,10 +101,13 @@ class BuildProfile:
     images_per_prompt: int = 1
     cfg: bool = True  # classifier-free guidance batch (guidance_scale > 1)
     max_latent_length: int | None = None  # latent frames (KV capacity); None: 1 for images, 9 for video
-    min_mask_steps: int = 64  # sets tokens per step: those of this step count's schedule (fewer steps may fit too)
+    # sets tokens per step: those of this step count's schedule (fewer steps may fit too: the build's true
+    # minimum is `BuildCapabilities.min_mask_steps`); by default the default request's
+    min_mask_steps: int = OPTIONS["num_inference_steps"].default
     max_tokens_per_step: int | None = None  # overrides the value derived from min_mask_steps
     image_to_video: bool = True  # video checkpoints: also build the VAE encoder
-    diffusion_steps: int = 25  # num_diffusion_steps in one launch per mask step (denoise_loop); others: one per step
+    # num_diffusion_steps in one launch per mask step (denoise_loop; others: one per step); by default the default's
+    diffusion_steps: int = OPTIONS["num_diffusion_steps"].default
     third_pass: bool = False  # a third guidance block: image_guidance_scale and spatiotemporal_guidance_scale
     guidance_renorm: bool = False  # denoise_loop over the whole token grid: guidance_renorm's per-sample norms
 

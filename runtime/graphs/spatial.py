@@ -81,7 +81,7 @@ def spatial_spec(ctx: GraphContext) -> GraphSpec:
                 tensor("selected", "int64", B, n)),  # this step's token ids, padded with distinct ids
         outputs=(tensor("z_selected", act, M, n, g.width),),
         dims=dims, component="transformer", weight_prefixes=("mask_embed.mask_token", "image_encoder."),
-        sources=sources("runtime/graphs/spatial.py", "runtime/model/transformer.py", "runtime/model/config.py"),
+        sources=sources(__name__),
         build=lambda: SpatialGraph(ctx.module("transformer", name), g, ctx.dtype(name)).eval(),
         sample=spatial_sample,
         notes=(f"encoder half on known-token slots in buckets of {g.known_bucket} (N / 8 rounded up), "

@@ -12,7 +12,7 @@ from runtime.graphs.profile import Geometry, frame_position
 from runtime.guidance_plan import GuidancePlan
 from runtime.model.transformer import NOVATransformer3DModel
 
-SOURCES = sources("runtime/graphs/temporal.py", "runtime/model/transformer.py", "runtime/model/config.py")
+SOURCES = sources(__name__)
 
 
 class _RecordingCache:

@@ -42,6 +42,6 @@ def text_encoder_spec(ctx: GraphContext) -> GraphSpec:
         inputs=(tensor("input_ids", "int64", rows, g.text_len),),  # right-padded with the pad id
         outputs=(tensor("hidden", "float32", rows, g.text_len, g.text_dim),),  # last_hidden_state
         dims=dims, component="text_encoder", weight_prefixes=("model.",),
-        sources=sources("runtime/graphs/text_encoder.py", "runtime/model/text_encoder.py"),
+        sources=sources(__name__),
         build=lambda: TextEncoderGraph(ctx.module("text_encoder", name), ctx.dtype(name)).eval(),
         sample=text_encoder_sample)

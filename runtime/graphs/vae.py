@@ -11,7 +11,7 @@ from runtime.graphs.common import GraphModule
 from runtime.graphs.contract import GraphContext, GraphSpec, TensorSpec, dynamic, randn, sources, tensor
 from runtime.model import vae as vae_ops
 
-SOURCES = sources("runtime/graphs/vae.py", "runtime/model/vae.py", "runtime/model/vae_opensora.py")
+SOURCES = sources(__name__)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
