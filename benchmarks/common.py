@@ -176,9 +176,9 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _proc_status_bytes(field: str) -> int:
+def _proc_status_bytes(field: str, pid: int | str = "self") -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -186,8 +186,9 @@ def _proc_status_bytes(field: str) -> int:
     return 0
 
 
-def current_rss_bytes() -> int:
-    return _proc_status_bytes("VmRSS:")
+def current_rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size now of this process, or of another one on this machine (0 where unknown)."""
+    return _proc_status_bytes("VmRSS:", pid)
 
 
 def percentile(values: list[float], q: float) -> float:

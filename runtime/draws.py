@@ -115,25 +115,48 @@ class NumpyDraws:
         return np.argsort(self.uniform(shape, dtype), axis=1, kind="stable")
 
 
-class PerRowDraws:
-    """Draws for a call that batches independent requests: one torch.Generator per request row, each row's
-    slice of every draw from its own generator, concatenated along dim 0. Row i then gets exactly the
-    numbers a call of its own with `RandomDraws(generators[i])` would get. A draw whose dim 0 is 1 (the
-    image-to-video posterior sample, shared by the rows) comes from the first generator."""
+def seeded(seed: int | None) -> RandomDraws | NumpyDraws:
+    """Draws from `seed` (None: a random one): a torch.Generator's where torch is installed (the reference's
+    numbers), else numpy's."""
+    try:
+        import torch
+    except ImportError:
+        return NumpyDraws(seed)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return RandomDraws(generator)
 
-    def __init__(self, generators: list):
-        if not generators:
-            raise ValueError("PerRowDraws needs at least one generator")
-        self.rows = [RandomDraws(generator) for generator in generators]
+
+class PerRowDraws:
+    """Draws for a call that batches independent requests: one source of draws per request row (RandomDraws
+    or NumpyDraws), each row's slice of every draw from its own source, concatenated along dim 0. Row i then
+    gets exactly the numbers a call of its own with `rows[i]` would get. A draw whose dim 0 is 1 (the
+    image-to-video posterior sample, shared by the rows) comes from the first row's source."""
+
+    def __init__(self, rows: list[RandomDraws | NumpyDraws]):
+        if not rows:
+            raise ValueError("PerRowDraws needs at least one row")
+        self.rows = list(rows)
+
+    @classmethod
+    def from_seeds(cls, seeds: list[int | None]) -> "PerRowDraws":
+        """Row i draws from seeds[i] as `seeded` makes it (torch where installed, else numpy)."""
+        return cls([seeded(seed) for seed in seeds])
 
     def _per_row(self, name: str, shape: tuple[int, ...], dtype: Any):
-        import torch
-
         if shape[0] == 1:
             return getattr(self.rows[0], name)(shape, dtype)
         if shape[0] != len(self.rows):
-            raise ValueError(f"a draw of {shape[0]} rows from {len(self.rows)} generators")
-        return torch.cat([getattr(row, name)((1, *shape[1:]), dtype) for row in self.rows])
+            raise ValueError(f"a draw of {shape[0]} rows from {len(self.rows)} sources")
+        parts = [getattr(row, name)((1, *shape[1:]), dtype) for row in self.rows]
+        if isinstance(parts[0], np.ndarray):
+            return np.concatenate(parts)
+        import torch
+
+        return torch.cat(parts)
 
     def uniform(self, shape: tuple[int, ...], dtype: Any):
         return self._per_row("uniform", shape, dtype)
@@ -142,4 +165,4 @@ class PerRowDraws:
         return self._per_row("normal", shape, dtype)
 
     def token_order(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return self.uniform(shape, dtype).argsort(dim=1).cpu().numpy()
+        return self._per_row("token_order", shape, dtype)

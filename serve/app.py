@@ -1,6 +1,6 @@
 """The Ray Serve application: one `NOVAModel` deployment per engine folder behind an HTTP `Ingress`.
 
-    client --HTTP--> Ray Serve proxy --> Ingress (FastAPI: schema, routing, errors)
+    client --HTTP--> Ray Serve proxy --> Ingress (FastAPI: schema, routing, deadlines, errors)
                                            --handle--> NOVAModel replicas (one NOVARunner each)
 
 Each `NOVAModel` replica loads its engine folder once (`NOVARunner.from_engines`, which verifies every
@@ -9,18 +9,28 @@ artifact) and serves single-image requests in batches of up to the engines' buil
 runner call, each row drawing from its own seed (`runtime.draws.PerRowDraws`), so every response equals
 a call of its own with that seed. The ingress is a separate deployment so that a model replica that
 dies mid-request turns into a 503 for its callers (the proxy would answer 500) while Ray restarts it.
+
+No request holds a replica hostage: every runner call carries a `runtime.cancellation.StopSignal` whose
+deadline is the request's (per kind, from its arrival at the ingress) and whose event is set when its
+client goes away (Ray Serve cancels the request), so the runner stops within one mask step. A batched
+call stops when every one of its clients has gone, at the latest one's deadline: one client leaving
+does not cost the others their images.
 """
 
 import asyncio
 import base64
+import contextlib
 import functools
 import io
 import json
+import math
+import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,11 +38,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve import Application
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve import Application, metrics
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve import jobs, openai_api
+from runtime.cancellation import DeadlineExceeded, StopSignal
+from runtime.options import MAX_REQUEST_BYTES
+from serve import defaults, jobs, openai_api
 from serve.errors import Refused
 from serve.progress import with_progress
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
@@ -63,18 +75,65 @@ def _runner_kwargs(options: dict) -> dict:
     return {name: options[name] for name in RUNNER_OPTIONS if name in options}
 
 
-@serve.deployment
+def _batchable(options: dict) -> bool:
+    """One prompt string, one image, and no negative prompt or one string: a row of a batched call (a
+    negative prompt list, even of one entry, is the runner's to check against the prompts)."""
+    return (isinstance(options["prompt"], str) and options["num_images_per_prompt"] == 1
+            and not isinstance(options["negative_prompt"], list))
+
+
+class _Caller:
+    """One request in a replica: its options, its deadline (a `time.time()` instant: the ingress sets it in
+    another process), the runner call it joined, and whether it still waits for the runner (queue depth)."""
+
+    def __init__(self, options: dict, deadline: float):
+        self.options, self.deadline = options, deadline
+        self.call: _Call | None = None
+        self.waiting = False
+
+    def leave(self) -> None:
+        """The client went away (Ray Serve cancelled the request)."""
+        if self.call is not None:
+            self.call.leave(self)
+
+
+class _Call:
+    """A runner call for one or more callers. Its stop signal is set once every caller has left, and its
+    deadline is the latest caller's."""
+
+    def __init__(self, callers: list[_Caller]):
+        self.callers, self.present = callers, set(callers)
+        self.cancel = threading.Event()
+        latest = max(caller.deadline for caller in callers)
+        self.stop = StopSignal(self.cancel, time.monotonic() + latest - time.time())
+        for caller in callers:
+            caller.call = self
+
+    def leave(self, caller: _Caller) -> None:
+        self.present.discard(caller)
+        if not self.present:
+            self.cancel.set()
+
+
+@serve.deployment(health_check_period_s=1, health_check_timeout_s=10)  # a dead replica is replaced at once
 class NOVAModel:
     """One `NOVARunner` over one engine folder. Single-image requests (one prompt, one image) are batched;
-    other requests run as calls of their own. Every method answers a runner refusal with `Refused`."""
+    other requests run as calls of their own. Every method answers a runner refusal with `Refused`; every
+    request takes `deadline`, a `time.time()` instant after which its runner call stops."""
 
-    def __init__(self, folder: str, backend: str = "auto", device: str | None = None, batch_wait_s: float = 0.02):
+    def __init__(self, folder: str, backend: str = "auto", device: str | None = None,
+                 batch_wait_s: float = defaults.BATCH_WAIT_S):
         from runtime import NOVARunner
 
         self.folder = Path(folder)
         self.runner = NOVARunner.from_engines(self.folder, backend=backend, device=device)
-        self.counts = {"requests": 0, "runner_calls": 0}
-        self._counting = threading.Lock()  # runner calls are counted in worker threads
+        self.counts = {"requests": 0, "runner_calls": 0, "waiting": 0}
+        self._counting = threading.Lock()  # counted in the event loop and in worker threads
+        self._turn = threading.Lock()  # one runner call at a time: the others wait here, counted as waiting
+        self._queue_depth = metrics.Gauge("nova_queue_depth", "requests a replica holds that wait for the runner",
+                                          tag_keys=("model",))
+        self._queue_depth.set_default_tags({"model": model_id(self.folder)})
+        self._queue_depth.set(0)
         self._image_batch.set_max_batch_size(self.runner.geometry.batch)
         self._image_batch.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -87,97 +146,136 @@ class NOVAModel:
                 "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
     def stats(self) -> dict[str, int]:
-        """This replica's counts since it started: requests served and runner calls made."""
+        """This replica's counts since it started (requests served, runner calls made), the requests waiting
+        for the runner now, and its process id (benchmarks/serve.py follows its memory)."""
         with self._counting:
-            return dict(self.counts)
+            return {**self.counts, "pid": os.getpid()}
 
     def _count(self, name: str) -> None:
         with self._counting:
             self.counts[name] += 1
 
-    def _call(self, prompt, draws=None, seed=None, **options):
-        """One runner call (in a worker thread); a refusal becomes `Refused`."""
-        self._count("runner_calls")
-        try:
-            return self.runner(prompt, draws=draws, seed=seed, **options)
-        except ValueError as error:
-            raise Refused(str(error)) from None
+    def _wait(self, callers: list[_Caller], waiting: bool) -> None:
+        """Callers start or stop waiting for the runner: on arrival; when their call starts or they leave, whichever
+        comes first."""
+        with self._counting:
+            for caller in callers:
+                if caller.waiting != waiting:
+                    caller.waiting = waiting
+                    self.counts["waiting"] += 1 if waiting else -1
+            self._queue_depth.set(self.counts["waiting"])
 
-    async def images(self, options: dict) -> list[bytes]:
-        """PNG bytes of each requested image."""
+    @contextlib.contextmanager
+    def _held(self, caller: _Caller):
+        """A request from arrival to answer; it waits until its runner call starts (or it leaves)."""
         self._count("requests")
-        if isinstance(options["prompt"], str) and options["num_images_per_prompt"] == 1:
-            result = await self._image_batch(options)
-            if isinstance(result, Refused):
-                raise result
-            return [result]
-        output = await asyncio.to_thread(self._call, seed=options["seed"], **_runner_kwargs(options))
+        self._wait([caller], True)
+        try:
+            yield
+        except asyncio.CancelledError:
+            caller.leave()
+            raise
+        finally:
+            self._wait([caller], False)
+
+    @contextlib.contextmanager
+    def _running(self, call: _Call):
+        """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`."""
+        with self._turn:
+            self._wait(call.callers, False)
+            call.stop.check()  # its clients left, or its deadline passed, while it waited: no work at all
+            self._count("runner_calls")
+            try:
+                yield
+            except ValueError as error:
+                raise Refused(str(error)) from None
+
+    def _call(self, call: _Call, **options):
+        with self._running(call):
+            return self.runner(stop=call.stop, **options)
+
+    async def images(self, options: dict, deadline: float) -> list[bytes]:
+        """PNG bytes of each requested image."""
+        caller = _Caller(options, deadline)
+        with self._held(caller):
+            if _batchable(options):
+                result = await self._image_batch(caller)
+                if isinstance(result, Exception):
+                    raise result
+                return [result]
+            output = await asyncio.to_thread(self._call, _Call([caller]), seed=options["seed"],
+                                             **_runner_kwargs(options))
         return [_png(image) for image in output.images]
 
     @serve.batch(max_batch_size=1)  # set to the engines' batch in __init__
-    async def _image_batch(self, batch: list[dict]) -> list[bytes | Refused]:
+    async def _image_batch(self, callers: list[_Caller]) -> list[bytes | Exception]:
         """Compatible requests (equal options but prompt and seed) share one call, row i drawing from seed i."""
-        groups: dict[tuple, list[int]] = {}
-        for i, options in enumerate(batch):
+        groups: dict[tuple, list[_Caller]] = {}
+        for caller in callers:
+            options = caller.options
             key = sorted((k, v) for k, v in options.items() if k not in ("prompt", "negative_prompt", "seed"))
-            groups.setdefault((*key, options["negative_prompt"] is None), []).append(i)
-        results: list[bytes | Refused] = [b""] * len(batch)
-        for rows in groups.values():
-            for i, result in zip(rows, await asyncio.to_thread(self._rows, [batch[i] for i in rows])):
-                results[i] = result
-        return results
+            groups.setdefault((*key, options["negative_prompt"] is None), []).append(caller)
+        results: dict[_Caller, bytes | Exception] = {}
+        for group in groups.values():
+            results.update(zip(group, await asyncio.to_thread(self._rows, _Call(group))))
+        return [results[caller] for caller in callers]
 
-    def _rows(self, batch: list[dict]) -> list[bytes | Refused]:
-        import torch
-
+    def _rows(self, call: _Call) -> list[bytes | Exception]:
         from runtime.draws import PerRowDraws
 
-        generators = [torch.Generator() for _ in batch]
-        for generator, options in zip(generators, batch):
-            if options["seed"] is None:
-                generator.seed()
-            else:
-                generator.manual_seed(options["seed"])
+        batch = [caller.options for caller in call.callers]
         negatives = [o["negative_prompt"] for o in batch] if batch[0]["negative_prompt"] is not None else None
         options = {**_runner_kwargs(batch[0]), "prompt": [o["prompt"] for o in batch], "negative_prompt": negatives}
         try:
-            output = self._call(draws=PerRowDraws(generators), **options)
-        except Refused as refusal:
-            return [refusal] * len(batch)  # the rows share every option the runner checks
+            output = self._call(call, draws=PerRowDraws.from_seeds([o["seed"] for o in batch]), **options)
+        except Exception as error:  # noqa: BLE001 - the rows share every option the runner checks, and the stop
+            return [error] * len(batch)
         return [_png(image) for image in output.images]
 
-    async def video(self, options: dict) -> list[bytes]:
+    async def video(self, options: dict, deadline: float) -> list[bytes]:
         """MP4 bytes of each requested video."""
-        self._count("requests")
-        output = await asyncio.to_thread(self._call, seed=options["seed"], **_runner_kwargs(options))
+        caller = _Caller(options, deadline)
+        with self._held(caller):
+            output = await asyncio.to_thread(self._call, _Call([caller]), seed=options["seed"],
+                                             **_runner_kwargs(options))
         return [_mp4(video, options["fps"]) for video in output.frames]
 
-    async def progress(self, kind: str, options: dict) -> AsyncIterator[dict]:
+    async def progress(self, kind: str, options: dict, deadline: float) -> AsyncIterator[dict]:
         """One runner call reporting {"progress": ...} after every mask step, then {"result": [PNG or MP4 bytes
         per image or video]}. Closing the stream stops the runner within one mask step (`serve.progress`)."""
-        self._count("requests")
-        encode = _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
+        caller = _Caller(options, deadline)
+        call, encode = _Call([caller]), _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
 
-        def call(stop, on_step) -> list[bytes]:
-            output = self._call(seed=options["seed"], stop=stop, on_step=on_step, **_runner_kwargs(options))
+        def run(on_step) -> list[bytes]:
+            output = self._call(call, seed=options["seed"], on_step=on_step, **_runner_kwargs(options))
             return [encode(result) for result in (output.images if kind == "image" else output.frames)]
 
-        async for event in with_progress(call):
-            yield event
+        with self._held(caller):
+            async for event in with_progress(run, caller.leave):
+                yield event
 
-    async def stream_video(self, options: dict) -> AsyncIterator[np.ndarray]:
-        """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists."""
-        self._count("requests")
-        self._count("runner_calls")
-        try:  # the runner checks the request when the stream is made, before any window
-            windows = self.runner.stream(seed=options["seed"], **_runner_kwargs(options))
-        except ValueError as error:
-            raise Refused(str(error)) from None
-        while True:
-            window = await asyncio.to_thread(next, windows, None)
-            if window is None:
-                return
-            yield window
+    async def stream_video(self, options: dict, deadline: float) -> AsyncIterator[np.ndarray]:
+        """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists. A worker thread
+        runs the runner's stream to its end, or to its stop once the client has gone."""
+        caller, loop, windows = _Caller(options, deadline), asyncio.get_running_loop(), asyncio.Queue()
+        call = _Call([caller])
+
+        def produce() -> None:
+            try:
+                with self._running(call):
+                    for window in self.runner.stream(seed=options["seed"], stop=call.stop, **_runner_kwargs(options)):
+                        loop.call_soon_threadsafe(windows.put_nowait, window)
+            finally:
+                loop.call_soon_threadsafe(windows.put_nowait, None)
+
+        with self._held(caller):
+            producing = asyncio.ensure_future(asyncio.to_thread(produce))
+            try:
+                while (window := await windows.get()) is not None:
+                    yield window
+                await producing  # raises what stopped the stream early
+            finally:
+                caller.leave()  # a no-op after the end; else (the stream was closed) the producer stops
 
 
 def model_id(folder: str | Path) -> str:
@@ -191,8 +289,17 @@ api = FastAPI(title="NOVA", description="NOVA text-to-image and text-to-video ov
 UNAVAILABLE = "the replica serving this request stopped (Ray restarts it); retry the request"
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@api.middleware("http")
+async def _bounded_body(request: Request, call_next):
+    """413 before the body is read when its declared length exceeds what a valid request can need."""
+    length = request.headers.get("content-length", "0")
+    if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+        return _error(413, f"the request body has {int(length)} bytes; a request needs at most {MAX_REQUEST_BYTES}")
+    return await call_next(request)
 
 
 @api.exception_handler(RequestValidationError)
@@ -204,28 +311,34 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
     return _error(422, "; ".join(problems))
 
 
-def _explain(error: BaseException) -> tuple[int, str]:
-    """A replica's refusal -> 400/404 with its message; a dead or unreachable replica -> 503; else the
-    error itself (re-raised by `_failure`, told as it is by a job)."""
+def _failure(error: BaseException) -> JSONResponse:
+    """A replica's refusal -> 400/404/504 with its message; a passed deadline -> 504; a full queue -> 503 with
+    Retry-After; a dead or unreachable replica -> 503."""
     cause = error.cause if isinstance(error, RayTaskError) else error
     if isinstance(cause, Refused):
-        return cause.status, str(cause)
+        return _error(cause.status, str(cause))
+    if isinstance(cause, DeadlineExceeded):
+        return _error(504, str(cause))
+    if isinstance(cause, BackPressureError):
+        return _error(cause.status_code, "every replica of this model is busy and its queue is full; retry later",
+                      {"Retry-After": str(math.ceil(cause.retry_after_s))})
     if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
-        return 503, UNAVAILABLE
-    return 500, f"{type(cause).__name__}: {cause}"
+        return _error(503, UNAVAILABLE)
+    raise error
 
 
-def _failure(error: BaseException) -> JSONResponse:
-    status, message = _explain(error)
-    if status == 500:
-        raise error
-    return _error(status, message)
+def _sentence(error: BaseException) -> str:
+    """Why a replica call failed, in one sentence (a job's error)."""
+    try:
+        return json.loads(_failure(error).body)["error"]
+    except Exception:  # noqa: BLE001 - an error the service does not sort: told as it is
+        return f"{type(error).__name__}: {error}"
 
 
-def _video_options(body: VideoRequest) -> dict:
-    """A video request's options for the replica, its image decoded (a broken one refused here)."""
+def _options(body: ImageRequest | VideoRequest) -> dict:
+    """A request's options for the replica, a video's image decoded (a broken one refused here)."""
     options = body.model_dump()
-    if options["image"] is not None:
+    if options.get("image") is not None:
         try:
             options["image"] = decode_image(options["image"])
         except ValueError as error:
@@ -237,57 +350,42 @@ def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(first: np.ndarray, windows) -> AsyncIterator[bytes]:
-    """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
-    `done` {"frames": total per video}; a replica lost mid-stream ends it with `error` {"status", "error"}."""
-    index, start, window = 0, 0, first
-    while window is not None:
-        yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
-                                "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
-        index, start = index + 1, start + window.shape[1]
-        try:
-            window = await windows.__anext__()
-        except StopAsyncIteration:
-            window = None
-        except Exception as error:  # noqa: BLE001
-            response = _failure(error)
-            yield _event("error", {"status": response.status_code, "error": response.body.decode()})
-            return
-    yield _event("done", {"frames": start})
+async def _awaited(response):
+    return await response
 
 
-async def _progress_events(stream) -> AsyncIterator[bytes]:
-    """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
-    mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}."""
-    try:  # the stream is cancelled when the client goes away (the replica's runner stops) or it ends
-        async for event in stream:
-            if "progress" in event:
-                yield _event("progress", event["progress"])
-            else:
-                yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
-    except Exception as error:  # noqa: BLE001
-        status, message = _explain(error)
-        yield _event("error", {"status": status, "error": message})
-    finally:
-        stream.cancel()
+async def _answers(handle: DeploymentHandle) -> bool:
+    """Whether the model answers a probe within defaults.HEALTH_PROBE_S. A full queue counts as answering:
+    its replicas are up, only busy."""
+    response = handle.stats.remote()
+    try:
+        await asyncio.wait_for(_awaited(response), defaults.HEALTH_PROBE_S)
+    except BackPressureError:
+        return True
+    except (asyncio.TimeoutError, RayActorError, DeploymentUnavailableError):
+        response.cancel()
+        return False
+    return True
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, models: dict[str, DeploymentHandle], job_settings: dict[str, float]):
+    def __init__(self, models: dict[str, DeploymentHandle], deadlines_s: dict[str, float] = defaults.DEADLINE_S,
+                 job_settings: dict[str, float] | None = None):
         """job_settings: the video jobs' max_jobs, keep_s and slots (`serve.jobs.Jobs`)."""
-        self.models = models
+        self.models, self.deadlines_s = models, deadlines_s
         self._described: dict[str, dict] = {}
-        self.jobs = jobs.Jobs(_explain, **job_settings)
+        self.jobs = jobs.Jobs(_sentence, deadline_s=deadlines_s["video"], **(job_settings or {}))
+        self._cancelled = metrics.Counter("nova_cancelled_requests", "requests stopped before their end: their "
+                                          "client went away, or their deadline passed", tag_keys=("model", "reason"))
 
     async def _describe(self, name: str) -> dict:
         if name not in self._described:
             self._described[name] = await self.models[name].describe.remote()
         return self._described[name]
 
-    async def _model_name(self, name: str | None, kind: str) -> str:
-        """The id of the model a request names, or of the only one of its kind."""
+    async def _model(self, name: str | None, kind: str) -> str:
         if name is not None:
             if name not in self.models:
                 raise Refused(f"no model {name!r}; served: {', '.join(self.models)}", 404)
@@ -300,8 +398,34 @@ class Ingress:
                           f"several {kind} models are served ({', '.join(names)}): name one in 'model'", 404)
         return names[0]
 
-    async def _model(self, name: str | None, kind: str) -> DeploymentHandle:
-        return self.models[await self._model_name(name, kind)]
+    @contextlib.asynccontextmanager
+    async def _watched(self, model: str, kind: str, cancel: Callable[[], None]):
+        """Count a request that stops early, and cancel its replica call when its client goes away (Ray Serve
+        cancels this handler, or closes the stream) or when the ingress gives up waiting (its deadline)."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            cancel()
+            self._cancelled.inc(tags={"model": model, "reason": "client"})
+            raise
+        except asyncio.TimeoutError as error:
+            cancel()
+            self._cancelled.inc(tags={"model": model, "reason": "deadline"})
+            raise Refused(f"the request ran past its {self.deadlines_s[kind]:g} s deadline", 504) from error
+        except RayTaskError as error:
+            if isinstance(error.cause, DeadlineExceeded):
+                self._cancelled.inc(tags={"model": model, "reason": "deadline"})
+            raise
+
+    async def _generate(self, body: ImageRequest | VideoRequest, kind: str, method: str) -> list[bytes]:
+        """The replica's answer to a request, within the kind's deadline (the replica stops there too; the
+        ingress's own wait is one second longer, for a request that never reached a replica)."""
+        return await self._answer(await self._model(body.model, kind), _options(body), kind, method)
+
+    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
+        response = getattr(self.models[model], method).remote(options, time.time() + self.deadlines_s[kind])
+        async with self._watched(model, kind, response.cancel):
+            return await asyncio.wait_for(_awaited(response), self.deadlines_s[kind] + 1)
 
     @api.get("/", response_model=None)
     async def demo(self) -> Response:
@@ -309,18 +433,17 @@ class Ingress:
         return Response((DEMO / "index.html").read_bytes(), media_type="text/html")
 
     @api.get("/healthz", response_model=None)
-    async def healthz(self) -> JSONResponse:
-        """200 when every model answers within 5 s, else 503 naming those that do not."""
-        async def answers(handle: DeploymentHandle) -> bool:
-            try:
-                await asyncio.wait_for(handle.stats.remote(), 5)
-            except (asyncio.TimeoutError, RayActorError, DeploymentUnavailableError):
-                return False
-            return True
-
-        down = [name for name, handle in self.models.items() if not await answers(handle)]
-        return JSONResponse({"status": "unavailable" if down else "ok", "models": list(self.models), "down": down},
-                            status_code=503 if down else 200)
+    async def healthz(self, model: str | None = None) -> JSONResponse:
+        """Which models answer within defaults.HEALTH_PROBE_S: 200 while any does (the others named in
+        "down"), 503 when none does. model=<id>: that model only (404 if it is not served)."""
+        if model is not None and model not in self.models:
+            return _error(404, f"no model {model!r}; served: {', '.join(self.models)}")
+        names = [model] if model is not None else list(self.models)
+        answered = await asyncio.gather(*(_answers(self.models[name]) for name in names))
+        up = [name for name, ok in zip(names, answered) if ok]
+        down = [name for name, ok in zip(names, answered) if not ok]
+        status = "ok" if not down else "degraded" if up else "unavailable"
+        return JSONResponse({"status": status, "up": up, "down": down}, status_code=200 if up else 503)
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
@@ -331,11 +454,14 @@ class Ingress:
         """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major). stream=true:
         server-sent events, `progress` after every mask step, then `done` with the images (or `error`)."""
         try:
-            model = await self._model(body.model, "image")
             if stream:
-                return StreamingResponse(_progress_events(model.options(stream=True).progress.remote(
-                    "image", body.model_dump())), media_type="text/event-stream")
-            images = await model.images.remote(body.model_dump())
+                model = await self._model(body.model, "image")
+                events = self.models[model].options(stream=True).progress.remote(
+                    "image", body.model_dump(), time.time() + self.deadlines_s["image"])
+                async with self._watched(model, "image", events.cancel):  # a refusal comes first: a status
+                    first = await events.__anext__()
+                return StreamingResponse(self._progress_events(model, first, events), media_type="text/event-stream")
+            images = await self._generate(body, "image", "images")
         except Exception as error:  # noqa: BLE001 - sorted by _failure, which re-raises the unknown
             return _failure(error)
         if len(images) == 1:
@@ -346,25 +472,69 @@ class Ingress:
     async def videos(self, body: VideoRequest, stream: bool = False) -> Response:
         """One video: video/mp4; several: JSON {"videos": [base64 MP4, ...]}. stream=true: server-sent
         events, one `window` event per decoded window of frames, then `done` (or `error`)."""
+        if not stream:
+            try:
+                videos = await self._generate(body, "video", "video")
+            except Exception as error:  # noqa: BLE001
+                return _failure(error)
+            if len(videos) == 1:
+                return Response(videos[0], media_type="video/mp4")
+            return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
         try:
-            model, options = await self._model(body.model, "video"), _video_options(body)
-            if not stream:
-                videos = await model.video.remote(options)
-                if len(videos) == 1:
-                    return Response(videos[0], media_type="video/mp4")
-                return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
-            windows = model.options(stream=True).stream_video.remote(options)
-            first = await windows.__anext__()  # a refusal comes before any window: answer it with a status
+            model = await self._model(body.model, "video")
+            deadline = time.time() + self.deadlines_s["video"]
+            windows = self.models[model].options(stream=True).stream_video.remote(_options(body), deadline)
+            async with self._watched(model, "video", windows.cancel):  # a refusal comes before any window: a status
+                first = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
         except Exception as error:  # noqa: BLE001
             return _failure(error)
-        return StreamingResponse(_events(first, windows), media_type="text/event-stream")
+        return StreamingResponse(self._events(model, first, windows, deadline), media_type="text/event-stream")
+
+    async def _events(self, model: str, first: np.ndarray, windows, deadline: float) -> AsyncIterator[bytes]:
+        """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
+        `done` {"frames": total per video}; a deadline passed or a replica lost mid-stream ends it with `error`
+        {"status", "error"}. A client that closes the stream cancels the replica's generation."""
+        index, start, window = 0, 0, first
+        async with self._watched(model, "video", windows.cancel):
+            while window is not None:
+                yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
+                                        "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
+                index, start = index + 1, start + window.shape[1]
+                try:
+                    window = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
+                except StopAsyncIteration:
+                    window = None
+                except Exception as error:  # noqa: BLE001
+                    response = _failure(error)
+                    yield _event("error", {"status": response.status_code, "error": json.loads(response.body)["error"]})
+                    return
+        yield _event("done", {"frames": start})
+
+    async def _progress_events(self, model: str, first: dict, events) -> AsyncIterator[bytes]:
+        """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
+        mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}.
+        A client that closes the stream cancels the replica's generation."""
+        event = first
+        async with self._watched(model, "image", events.cancel):
+            while event is not None:
+                if "progress" in event:
+                    yield _event("progress", event["progress"])
+                else:
+                    yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    event = None
+                except Exception as error:  # noqa: BLE001
+                    yield _event("error", {"status": _failure(error).status_code, "error": _sentence(error)})
+                    return
 
     @api.post("/v1/images/generations", response_model=None)
     async def image_generations(self, body: openai_api.ImageGeneration) -> Response:
         """The OpenAI images API (serve/openai_api.py): {"created", "data": [{"b64_json"}, ...]}."""
         try:
-            model = await self._describe(await self._model_name(body.model, "image"))
-            images = await self.models[model["id"]].images.remote(openai_api.image_options(body, model))
+            model = await self._describe(await self._model(body.model, "image"))
+            images = await self._answer(model["id"], openai_api.image_options(body, model), "image", "images")
         except Exception as error:  # noqa: BLE001
             return _failure(error)
         return JSONResponse(openai_api.images_response(images))
@@ -373,8 +543,8 @@ class Ingress:
     async def create_video_job(self, body: VideoRequest) -> Response:
         """A video job (serve/jobs.py), answered at once with its status."""
         try:
-            name, options = await self._model_name(body.model, "video"), _video_options(body)
-            job = self.jobs.submit(name, self.models[name], options)
+            model = await self._model(body.model, "video")
+            job = self.jobs.submit(model, self.models[model], _options(body))
         except Refused as refusal:
             return _error(refusal.status, str(refusal))
         return JSONResponse(self.jobs.describe(job))
@@ -413,27 +583,35 @@ class Ingress:
 
 
 def build_app(engines: list[str], *, backend: str = "auto", device: str | None = None, num_replicas: int = 1,
-              num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 32, batch_wait_s: float = 0.02,
-              env: dict[str, str] | None = None, max_jobs: int = jobs.MAX_JOBS,
-              job_keep_s: float = jobs.KEEP_S) -> Application:
+              num_cpus: float = defaults.NUM_CPUS, num_gpus: float = 0,
+              max_ongoing_requests: int = defaults.MAX_ONGOING_REQUESTS,
+              max_queued_requests: int = defaults.MAX_QUEUED_REQUESTS, batch_wait_s: float = defaults.BATCH_WAIT_S,
+              deadlines_s: dict[str, float] = defaults.DEADLINE_S, env: dict[str, str] | None = None,
+              max_jobs: int = defaults.MAX_JOBS, job_keep_s: float = defaults.JOB_KEEP_S) -> Application:
     """One NOVAModel deployment per engine folder (named by the folder) behind the ingress.
 
     num_cpus / num_gpus: each replica's Ray resources (num_gpus=1: one replica per GPU; Ray sets
     CUDA_VISIBLE_DEVICES, so the replica's "cuda" is its own GPU). max_ongoing_requests: requests a replica
-    holds at once; at least twice the built batch lets the next batch fill while one runs. env: environment
-    variables of the replicas (e.g. NOVA_ORT_THREADS). max_jobs: video jobs held at once (queued, running or
-    finished); job_keep_s: how long a finished job's video is kept."""
+    holds at once; at least twice the built batch lets the next batch fill while one runs. max_queued_requests:
+    requests a deployment queues for its replicas; beyond it the ingress answers 503 with Retry-After.
+    deadlines_s: seconds per request kind ("image", "video") from its arrival. env: environment variables of
+    the replicas (e.g. NOVA_ORT_THREADS). max_jobs: video jobs held at once (queued, running or finished);
+    job_keep_s: how long a finished job's video is kept."""
     if not engines:
         raise ValueError("give at least one engine folder")
     ids = [model_id(folder) for folder in engines]
     if len(set(ids)) != len(ids):
         raise ValueError(f"engine folders need distinct names, got {', '.join(ids)}")
+    if sorted(deadlines_s) != sorted(defaults.DEADLINE_S) or not all(s > 0 for s in deadlines_s.values()):
+        raise ValueError(f"deadlines_s needs a positive number of seconds for each of {', '.join(defaults.DEADLINE_S)}, "
+                         f"got {deadlines_s!r}")
     actor = {"num_cpus": num_cpus, "num_gpus": num_gpus, **({"runtime_env": {"env_vars": env}} if env else {})}
     models = {name: NOVAModel.options(name=name, num_replicas=num_replicas, ray_actor_options=actor,
-                                      max_ongoing_requests=max_ongoing_requests)
+                                      max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+                                      backpressure_config={"retry_after_s": defaults.RETRY_AFTER_S})
               .bind(str(Path(folder).resolve()), backend, device, batch_wait_s)
               for name, folder in zip(ids, engines)}
-    return Ingress.bind(models, {"max_jobs": max_jobs, "keep_s": job_keep_s, "slots": num_replicas})
+    return Ingress.bind(models, dict(deadlines_s), {"max_jobs": max_jobs, "keep_s": job_keep_s, "slots": num_replicas})
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -441,4 +619,17 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(**args)
 
 
-__all__ = ["ImageRequest", "VideoRequest", "NOVAModel", "Ingress", "build_app", "app_builder", "model_id"]
+def unschedulable(resources: dict[str, float], engines: int, num_replicas: int, num_cpus: float,
+                  num_gpus: float) -> str | None:
+    """Why a plan of `engines` deployments x `num_replicas` replicas x (num_cpus, num_gpus) each cannot be
+    placed on a cluster with `resources` (`ray.cluster_resources()`), or None if it fits in total."""
+    for name, flag, each in (("CPU", "--num-cpus", num_cpus), ("GPU", "--num-gpus", num_gpus)):
+        need, have = engines * num_replicas * each, resources.get(name, 0)
+        if need > have:
+            return (f"{engines} engine folder(s) x --replicas {num_replicas} x {flag} {each:g} need {need:g} {name}s "
+                    f"but the cluster has {have:g}: lower {flag} or --replicas, or serve fewer --engines")
+    return None
+
+
+__all__ = ["ImageRequest", "VideoRequest", "NOVAModel", "Ingress", "build_app", "app_builder", "model_id",
+           "unschedulable"]

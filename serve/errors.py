@@ -2,8 +2,8 @@
 
 
 class Refused(ValueError):
-    """A request the runner refused (ValueError), that names no served model or job, or that the service cannot
-    take now: `status` is the HTTP status (400, 404, 429), the message its one sentence."""
+    """A request the replica will not or could not serve: the runner's refusal (400), no such model or job (404),
+    too many jobs (429), a passed deadline (504). `status` is the HTTP status, the message its one sentence."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)

@@ -17,13 +17,12 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
+from serve import defaults
 from serve.errors import Refused
 
 if TYPE_CHECKING:  # python -m serve --help imports this module without Ray
     from ray.serve.handle import DeploymentHandle
 
-MAX_JOBS = 64  # the defaults of python -m serve and build_app
-KEEP_S = 3600.0
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -43,11 +42,12 @@ class Job:
 
 
 class Jobs:
-    """The ingress's video jobs. `explain(error) -> (status, sentence)` says why a replica call failed."""
+    """The ingress's video jobs. `explain(error)` says in one sentence why a replica call failed; a job's runner
+    call stops `deadline_s` after it started running."""
 
-    def __init__(self, explain: Callable[[BaseException], tuple[int, str]], max_jobs: int, keep_s: float,
-                 slots: int):
-        self.explain, self.max_jobs, self.keep_s, self.slots = explain, max_jobs, keep_s, slots
+    def __init__(self, explain: Callable[[BaseException], str], deadline_s: float, max_jobs: int = defaults.MAX_JOBS,
+                 keep_s: float = defaults.JOB_KEEP_S, slots: int = 1):
+        self.explain, self.deadline_s, self.max_jobs, self.keep_s, self.slots = explain, deadline_s, max_jobs, keep_s, slots
         self._jobs: dict[str, Job] = {}
         self._running: dict[str, asyncio.Semaphore] = {}
 
@@ -96,7 +96,7 @@ class Jobs:
         try:
             async with running:
                 job.status, job.started_at = "running", time.time()
-                stream = handle.options(stream=True).progress.remote("video", job.options)
+                stream = handle.options(stream=True).progress.remote("video", job.options, time.time() + self.deadline_s)
                 try:
                     async for event in stream:
                         if "progress" in event:
@@ -109,7 +109,7 @@ class Jobs:
         except asyncio.CancelledError:
             job.status = "cancelled"
         except Exception as error:  # noqa: BLE001 - every failure is the job's, told by explain
-            job.status, job.error = "failed", self.explain(error)[1]
+            job.status, job.error = "failed", self.explain(error)
         finally:
             job.finished_at = time.time()
 

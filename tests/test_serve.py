@@ -1,7 +1,8 @@
 """The Ray Serve application (serve/) on a local Ray instance over tiny engine folders, loopback only.
 
-One Ray instance and one application per module: a batch-4 tiny-t2i folder and a tiny-t2v folder with a
-9-latent cache (two decoded windows). Every served result is compared with a direct NOVARunner call.
+One Ray instance per module and two applications: "nova", a batch-4 tiny-t2i folder and a tiny-t2v folder
+with a 9-latent cache (two decoded windows), and "tight" at /tight, the tiny-t2i folder again with a short
+image deadline and a small queue. Every served result is compared with a direct NOVARunner call.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import pytest
 import torch
 
 from runtime import NOVARunner
-from runtime.draws import PerRowDraws
+from runtime.draws import NumpyDraws, PerRowDraws, RandomDraws
 from runtime.media import read_mp4, write_mp4
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
 TIMEOUT = 60  # seconds, any one HTTP exchange
+# the longest legal image request on the tiny engines (16 tokens, 1000 diffusion steps, the cap): 5-9 s on the
+# 2 shared cores, in mask steps of 0.3-0.6 s; a video of 9 latents at the cap takes twice that at least
+LONG = {"num_inference_steps": 16, "num_diffusion_steps": 1000}
+VIDEO_DEADLINE_S = 8.0  # the "nova" app's: well above VIDEO's ~1 s, well below a video at the cap
+TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
 
 
 @pytest.fixture(scope="module")
@@ -49,35 +55,49 @@ def image_runner(t2i_b4, one_thread):
     return NOVARunner.from_engines(t2i_b4)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def server(t2i_b4, t2v9, one_thread):
-    """Base URL of the application on a local Ray instance (2 CPUs, no dashboard), 127.0.0.1 only."""
+def cluster(t2i_b4, t2v9, one_thread):
+    """{"nova": base URL, "tight": its URL, "metrics": Ray's Prometheus URL} on a local Ray instance (no
+    dashboard), 127.0.0.1 only. "nova" has a short video deadline, "tight" a small queue."""
     ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[serve]')")
     from ray import serve
 
     from serve.app import build_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    # 2 CPUs of logical resources for 3 replicas: the replicas ask for half a CPU each
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = dict(num_cpus=0.5, env={"NOVA_ORT_THREADS": "1"})
         # 0.2 s of batch wait: on 2 shared cores (and beside another test worker) concurrent requests arrive
         # spread out; batches still fill
-        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.2, env={"NOVA_ORT_THREADS": "1"}), name="nova",
-                  route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.2, **common,
+                            deadlines_s={"image": 120.0, "video": VIDEO_DEADLINE_S}), name="nova", route_prefix="/")
+        serve.run(build_app([str(t2i_b4)], batch_wait_s=0.2, **TIGHT, **common), name="tight", route_prefix="/tight")
+        yield {"nova": f"http://127.0.0.1:{port}", "tight": f"http://127.0.0.1:{port}/tight",
+               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    return cluster["nova"]
 
 
 def post(url: str, body: dict, **kwargs):
     import requests
 
     return requests.post(url, data=json.dumps(body), headers={"content-type": "application/json"},
-                         timeout=TIMEOUT, **kwargs)
+                         **{"timeout": TIMEOUT, **kwargs})
 
 
 def png(data: bytes) -> np.ndarray:
@@ -94,12 +114,15 @@ def stats(folder) -> dict:
     return serve.get_deployment_handle(model_id(folder), app_name="nova").stats.remote().result(timeout_s=TIMEOUT)
 
 
-def test_per_row_draws_equal_calls_of_their_own(image_runner):
-    """Row i of a batched call with PerRowDraws is bit for bit the call of its own with seed i (padded rows too)."""
+@pytest.mark.parametrize("draws", [RandomDraws, NumpyDraws])
+def test_per_row_draws_equal_calls_of_their_own(image_runner, draws):
+    """Row i of a batched call with PerRowDraws is bit for bit the call of its own with row i's draws (padded rows
+    too), from torch generators and from numpy (serving without torch)."""
     prompts, seeds = ["a fox", "a cat on a mat", "waves"], [11, 12, 13]
-    batched = image_runner(prompts, draws=PerRowDraws([torch.Generator().manual_seed(s) for s in seeds]), **STEPS)
+    source = (lambda seed: RandomDraws(torch.Generator().manual_seed(seed))) if draws is RandomDraws else NumpyDraws
+    batched = image_runner(prompts, draws=PerRowDraws([source(s) for s in seeds]), **STEPS)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        alone = image_runner(prompt, seed=seed, **STEPS)
+        alone = image_runner(prompt, draws=source(seed), **STEPS)
         np.testing.assert_array_equal(batched.latents[i], alone.latents[0])
         np.testing.assert_array_equal(batched.images[i], alone.images[0])
 
@@ -108,7 +131,11 @@ def test_health_and_models(server):
     import requests
 
     health = requests.get(f"{server}/healthz", timeout=TIMEOUT)
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200 and health.json() == {"status": "ok", "up": ["t2i-b4", "t2v9"], "down": []}
+    one = requests.get(f"{server}/healthz", params={"model": "t2v9"}, timeout=TIMEOUT)
+    assert one.status_code == 200 and one.json() == {"status": "ok", "up": ["t2v9"], "down": []}
+    unknown = requests.get(f"{server}/healthz", params={"model": "sdxl"}, timeout=TIMEOUT)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "no model 'sdxl'; served: t2i-b4, t2v9"
     models = {m["id"]: m for m in requests.get(f"{server}/v1/models", timeout=TIMEOUT).json()["models"]}
     assert models["t2i-b4"]["kind"] == "image" and models["t2i-b4"]["batch"] == 4
     assert models["t2i-b4"]["build"].startswith("4 image(s) per call (4 prompt(s) x 1), CFG on")
@@ -128,6 +155,14 @@ def test_official_options_of_the_runner_are_served(server, image_runner):
     direct = image_runner("a lighthouse at dusk", seed=7, guidance_trunc=600.0, flow_shift=3.0, **STEPS).images[0]
     np.testing.assert_array_equal(png(response.content), direct)
     assert not np.array_equal(direct, image_runner("a lighthouse at dusk", seed=7, **STEPS).images[0])
+
+
+def test_negative_prompt_list_of_one_is_served(server, image_runner):
+    """A list of one negative prompt for one prompt is what the runner takes; it was refused (issue 19, defect 2)."""
+    response = post(f"{server}/v1/images", {"prompt": "a", "negative_prompt": ["x"], "seed": 3, **STEPS})
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(png(response.content),
+                                  image_runner("a", negative_prompt=["x"], seed=3, **STEPS).images[0])
 
 
 def test_several_images_as_json(server, image_runner):
@@ -200,6 +235,9 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
     ("/v1/images", {"prompt": "a", **STEPS, "num_diffusion_steps": 0}, 400, "num_diffusion_steps must be an integer >= 1"),
     ("/v1/images", {"prompt": ["a"] * 5, **STEPS}, 400, "5 prompt(s) x 1 image(s) = 5 images per call"),
     ("/v1/images", {"prompt": "a", "num_images_per_prompt": 5, **STEPS}, 400, "= 5 images per call"),
+    ("/v1/images", {"prompt": "a", "negative_prompt": ["x", "y"], **STEPS}, 400,
+     "negative_prompt has 2 entries for 1 prompts"),
+    ("/v1/images", {"prompt": "a", "num_diffusion_steps": 60000}, 400, "num_diffusion_steps"),
     ("/v1/images", {"prompt": "a", "model": "t2v9"}, 404, "model 't2v9' generates videos, not images"),
     ("/v1/videos", {"prompt": "a", "max_latent_length": 10}, 400, "max_latent_length 10 exceeds the KV cache"),
     ("/v1/videos?stream=true", {"prompt": "a", "num_diffusion_steps": 0}, 400,
@@ -208,6 +246,16 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
 def test_bad_requests_get_4xx_with_the_refusal(server, path, body, status, message):
     response = post(f"{server}{path}", body)
     assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    """A 10 MB prompt (it took 8.9 s before) is refused with 413 from its Content-Length."""
+    from runtime.options import MAX_REQUEST_BYTES
+
+    response, seconds = _timed_post(f"{server}/v1/images", {"prompt": "a" * (10 << 20), **STEPS})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"].endswith(f"a request needs at most {MAX_REQUEST_BYTES}")
+    assert seconds < 5
 
 
 def test_incompatible_requests_are_not_mixed(server, image_runner):
@@ -231,15 +279,23 @@ def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
 
     from serve.app import model_id
 
+    import requests
+
     long = {"prompt": "a slow one", "seed": 9, "num_inference_steps": 16, "num_diffusion_steps": 400}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, f"{server}/v1/images", long)
         time.sleep(1.0)  # the request is now being generated (about 2.5 s of work)
         replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
-                    if actor["namespace"] == "serve" and f"#{model_id(t2i_b4)}#" in actor["name"]]
+                    if actor["namespace"] == "serve" and f"nova#{model_id(t2i_b4)}#" in actor["name"]]
         assert len(replicas) == 1, replicas
         started = time.monotonic()
         ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
+        health = requests.get(f"{server}/healthz", timeout=TIMEOUT)
+        seen = time.monotonic() - started
+        # the other model still serves: 200, the dead one named
+        assert health.status_code == 200 and health.json() == {"status": "degraded", "up": ["t2v9"],
+                                                               "down": ["t2i-b4"]}, health.text
+        assert seen < 2, f"/healthz took {seen:.1f} s to see the dead replica"
         response = pending.result(timeout=TIMEOUT)
     assert time.monotonic() - started < 30  # observed: 6-8 s (a retry on the restarted replica)
     if response.status_code == 503:
@@ -251,3 +307,107 @@ def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
     response = post(f"{server}/v1/images", body)
     assert response.status_code == 200
     np.testing.assert_array_equal(png(response.content), image_runner("after the restart", seed=10, **STEPS).images[0])
+
+
+def _timed_post(url: str, body: dict, **kwargs):
+    started = time.monotonic()
+    response = post(url, body, **kwargs)
+    return response, time.monotonic() - started
+
+
+def test_disconnected_client_frees_the_replica_within_a_mask_step(server, image_runner):
+    """A long request (5-9 s) whose client gives up after 1.5 s stops at its next mask step: the next request
+    (~0.3 s alone) is answered long before the abandoned one would have ended, with its exact pixels."""
+    import requests
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(f"{server}/v1/images", {"prompt": "abandoned", "seed": 1, **LONG}, timeout=1.5)
+    response, seconds = _timed_post(f"{server}/v1/images", {"prompt": "next", "seed": 2, **STEPS})
+    assert response.status_code == 200
+    assert seconds < 4, f"the next request took {seconds:.1f} s"  # at most a mask step of the long one, and its own
+    np.testing.assert_array_equal(png(response.content), image_runner("next", seed=2, **STEPS).images[0])
+
+
+def test_closed_stream_stops_its_generation(server, t2v9):
+    """A client that closes a video stream after its first window cancels the rest: the next video request
+    is served as fast as it is alone."""
+    runner = NOVARunner.from_engines(t2v9)
+    alone = time.monotonic()
+    runner("waves", seed=4, **VIDEO)
+    alone = time.monotonic() - alone
+    long = {**VIDEO, "num_diffusion_steps": 100}  # ~25x the work of VIDEO, most of it after the first window
+    with post(f"{server}/v1/videos?stream=true", {"prompt": "a long one", "seed": 1, **long}, stream=True) as stream:
+        assert next(stream.iter_lines()).startswith(b"event: window")
+    response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "waves", "seed": 4, **VIDEO})
+    assert response.status_code == 200
+    assert seconds < 3 * alone + 2, f"the next video took {seconds:.1f} s, {alone:.1f} s alone"
+
+
+def test_deadline_gives_504_and_frees_the_replica(server, t2v9):
+    """The 8 s video deadline: a video at the diffusion-step cap (10-20 s of work) gets 504 at its deadline (within
+    a mask step), and the next video is served as fast as it is alone."""
+    runner = NOVARunner.from_engines(t2v9)
+    alone = time.monotonic()
+    runner("waves", seed=4, **VIDEO)
+    alone = time.monotonic() - alone
+    response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "too long", **VIDEO, "num_diffusion_steps": 1000})
+    assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
+    assert VIDEO_DEADLINE_S <= seconds < VIDEO_DEADLINE_S + 2, f"504 after {seconds:.1f} s"
+    response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "waves", "seed": 4, **VIDEO})
+    assert response.status_code == 200
+    assert seconds < 3 * alone + 2, f"the next video took {seconds:.1f} s, {alone:.1f} s alone"
+
+
+def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner):
+    """Four times the tight app's queue bound (4) at once: 8 requests fill it (4 held by the replica, 4 queued;
+    sent 50 ms apart, as Ray's router rejects some of a simultaneous burst that would fit), then 8 more, sent
+    while those run, get 503 with Retry-After within 100 ms each (or 3x a 404's time on a loaded machine), and
+    every accepted request gets its direct call's exact pixels."""
+    held, queued = TIGHT["max_ongoing_requests"], TIGHT["max_queued_requests"]
+    steps = {"num_inference_steps": 16, "num_diffusion_steps": 200}  # two batches of ~1 s: the queue stays full
+    fill = [{"prompt": f"crowd {i % 4}", "seed": 200 + i, **steps} for i in range(held + queued)]
+    url = f"{cluster['tight']}/v1/images"
+    with concurrent.futures.ThreadPoolExecutor(4 * queued) as pool:
+        accepted = []
+        for body in fill:
+            accepted.append(pool.submit(_timed_post, url, body))
+            time.sleep(0.05)
+        # what the proxy and the ingress alone take to answer now (404: no replica involved); the machine is shared
+        alone = sorted(_timed_post(url, {"prompt": "x", "model": "nope"})[1] for _ in range(3))[1]
+        excess = []
+        for i in range(4 * queued - len(fill)):  # 25 ms apart: a loaded 2-core machine answers ~50 refusals/s
+            excess.append(pool.submit(_timed_post, url, {"prompt": "one too many", "seed": i, **steps}))
+            time.sleep(0.025)
+        excess = [future.result(timeout=TIMEOUT) for future in excess]
+        accepted = [future.result(timeout=TIMEOUT)[0] for future in accepted]
+    for response, seconds in excess:
+        assert response.status_code == 503 and "queue is full" in response.json()["error"], response.text
+        # at once: within 100 ms, or within 3x a 404's time when other work slows the machine; a refused request
+        # that waited for the queue would take a batch (~1 s)
+        assert response.headers["Retry-After"] == "1" and seconds < max(0.1, 3 * alone), (response.headers, seconds,
+                                                                                          alone)
+    assert [response.status_code for response in accepted] == [200] * len(fill)
+    # the direct calls, four rows at a time: a row of PerRowDraws is its call of its own (the first test)
+    for start in range(0, len(fill), 4):
+        bodies = fill[start:start + 4]
+        direct = image_runner([b["prompt"] for b in bodies], draws=PerRowDraws.from_seeds([b["seed"] for b in bodies]),
+                              **steps).images
+        for response, image in zip(accepted[start:start + 4], direct):
+            np.testing.assert_array_equal(png(response.content), image)
+
+
+def test_prometheus_export_counts_requests_and_cancellations(cluster):
+    """Ray's metrics agent exports Serve's request counters and the application's own queue depth and
+    cancelled requests (one abandoned here)."""
+    import requests
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(f"{cluster['nova']}/v1/images", {"prompt": "abandoned", **LONG}, timeout=0.5)
+    wanted = {'ray_serve_num_http_requests_total{', 'ray_nova_queue_depth{', 'ray_nova_cancelled_requests_total{'}
+    deadline, text = time.monotonic() + 30, ""  # metrics reach the agent every few seconds
+    while time.monotonic() < deadline and not all(name in text for name in wanted):
+        time.sleep(1)
+        text = requests.get(cluster["metrics"], timeout=TIMEOUT).text
+    assert all(name in text for name in wanted), sorted(name for name in wanted if name not in text)
+    cancelled = [line for line in text.splitlines() if line.startswith("ray_nova_cancelled_requests_total{")]
+    assert any('reason="client"' in line and 'model="t2i-b4"' in line for line in cancelled), cancelled
