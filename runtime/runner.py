@@ -238,7 +238,8 @@ class NOVARunner:
     # denoise_loop, the KV cache -> temporal_step) and where one is held while other graphs run (the
     # indicator and anchor through a frame, z_selected through a mask step's diffusion steps).
     def _generate(self, plan: _Plan, draws, timer: _Timer, stop: StopSignal, progress: bool,
-                  on_step: Callable[[Progress], None] | None, decode: bool = True) -> Generator[np.ndarray, None, np.ndarray]:
+                  on_step: Callable[[Progress], None] | None,
+                  decode: bool = True) -> Generator[np.ndarray, None, np.ndarray]:
         """Yield decoded pixels as they become decodable (unless not `decode`); -> the latents [B, C, T, h, w]."""
         g, request, upload = self.geometry, plan.request, self.backend.upload
         stop.check()

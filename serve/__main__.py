@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a video request may take from arrival (then 504, or an error event mid-stream)")
     p.add_argument("--max-jobs", type=int, default=defaults.MAX_JOBS,
                    help="video jobs held at once, queued, running or finished (POST /v1/videos/jobs)")
-    p.add_argument("--job-keep-s", type=float, default=defaults.JOB_KEEP_S, help="how long a finished video job is kept")
+    p.add_argument("--job-keep-s", type=float, default=defaults.JOB_KEEP_S,
+                   help="how long a finished video job is kept")
     return p
 
 

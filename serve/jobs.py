@@ -45,9 +45,10 @@ class Jobs:
     """The ingress's video jobs. `explain(error)` says in one sentence why a replica call failed; a job's runner
     call stops `deadline_s` after it started running."""
 
-    def __init__(self, explain: Callable[[BaseException], str], deadline_s: float, max_jobs: int = defaults.MAX_JOBS,
-                 keep_s: float = defaults.JOB_KEEP_S, slots: int = 1):
-        self.explain, self.deadline_s, self.max_jobs, self.keep_s, self.slots = explain, deadline_s, max_jobs, keep_s, slots
+    def __init__(self, explain: Callable[[BaseException], str], deadline_s: float,
+                 max_jobs: int = defaults.MAX_JOBS, keep_s: float = defaults.JOB_KEEP_S, slots: int = 1):
+        self.explain, self.deadline_s = explain, deadline_s
+        self.max_jobs, self.keep_s, self.slots = max_jobs, keep_s, slots
         self._jobs: dict[str, Job] = {}
         self._running: dict[str, asyncio.Semaphore] = {}
 
@@ -96,7 +97,8 @@ class Jobs:
         try:
             async with running:
                 job.status, job.started_at = "running", time.time()
-                stream = handle.options(stream=True).progress.remote("video", job.options, time.time() + self.deadline_s)
+                deadline = time.time() + self.deadline_s
+                stream = handle.options(stream=True).progress.remote("video", job.options, deadline)
                 try:
                     async for event in stream:
                         if "progress" in event:

@@ -15,7 +15,7 @@ from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
 IMAGE_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
                  "guidance_trunc", "flow_shift", "num_images_per_prompt")
 VIDEO_OPTIONS = (*IMAGE_OPTIONS, "max_latent_length", "motion_flow")
-RUNNER_OPTIONS = (*VIDEO_OPTIONS, "image")  # image: a base64 string over HTTP, decoded by the ingress (serve/uploads.py)
+RUNNER_OPTIONS = (*VIDEO_OPTIONS, "image")  # image: base64 over HTTP, decoded by the ingress (serve/uploads.py)
 
 
 class _Request(BaseModel):

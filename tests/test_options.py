@@ -58,7 +58,8 @@ def test_the_cli_flags_are_the_declared_options(command):
 
 
 def test_the_http_models_are_the_declared_options():
-    for model, names, extra in ((ImageRequest, IMAGE_OPTIONS, set()), (VideoRequest, (*VIDEO_OPTIONS, "image"), {"fps"})):
+    for model, names, extra in ((ImageRequest, IMAGE_OPTIONS, set()),
+                                (VideoRequest, (*VIDEO_OPTIONS, "image"), {"fps"})):
         fields = model.model_fields
         assert set(fields) == {"model", "seed", *names} | extra
         assert fields["prompt"].is_required()

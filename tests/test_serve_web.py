@@ -187,8 +187,8 @@ def test_cancelled_job_frees_the_replica_and_queued_jobs_have_a_position(server,
     # The replica is free: the queued job's runner call waits only for the cancelled one's current mask step
     # (the runner checks its stop at every step), not for the hundreds of steps left.
     done = poll(server, queued["id"], lambda state: state["status"] not in ("queued", "running"))
-    progress = cancelled["progress"]
-    left_s = (progress["mask_steps"] - progress["mask_steps_done"]) * cancelled["running_s"] / progress["mask_steps_done"]
+    steps = cancelled["progress"]
+    left_s = (steps["mask_steps"] - steps["mask_steps_done"]) * cancelled["running_s"] / steps["mask_steps_done"]
     assert done["status"] == "done" and done["running_s"] < left_s / 2, (done, left_s)
 
 
@@ -229,7 +229,8 @@ def test_image_to_video_over_http_equals_the_direct_call(server, video_runner, t
 def page(server):
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (pip install -e '.[test]')")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
