@@ -98,6 +98,13 @@ def poll(server: str, job_id: str, until) -> dict:
     raise AssertionError(f"job {job_id} never reached the awaited state: {state}")
 
 
+def forget(server: str, job_id: str) -> None:
+    """Cancel a job if it is still queued or running (the first DELETE), then delete it (the next)."""
+    for _ in range(2):
+        requests.delete(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT)
+    assert requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).status_code == 404
+
+
 # -- the OpenAI images API -----------------------------------------------------------------------------------
 
 
@@ -200,6 +207,23 @@ def test_job_refusals(server):
     content = requests.get(f"{server}/v1/videos/jobs/{failed['id']}/content", timeout=TIMEOUT)
     assert content.status_code == 409 and "failed, not done" in content.json()["error"]
     assert requests.get(f"{server}/v1/videos/jobs/video_nope", timeout=TIMEOUT).status_code == 404
+
+
+def test_jobs_are_bounded_in_number(server):
+    """The app holds max_jobs=4 jobs; finished ones count until deleted or expired."""
+    created, answer = [], None
+    for _ in range(5):
+        answer = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", "seed": 0, **VIDEO})
+        if answer.status_code != 200:
+            break
+        created.append(answer.json()["id"])
+    assert answer.status_code == 429 and answer.json()["error"] == (
+        "the service holds its 4 jobs already (finished ones are kept 600 s, or until deleted); retry later")
+    for job_id in created:
+        forget(server, job_id)
+    room = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", **VIDEO})
+    assert room.status_code == 200
+    forget(server, room.json()["id"])
 
 
 # -- image-to-video ------------------------------------------------------------------------------------------------
