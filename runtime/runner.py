@@ -34,7 +34,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Generator, Iterator, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
@@ -62,6 +62,30 @@ class RunnerOutput:
     images: np.ndarray | list | None = None  # [B, H, W, 3] uint8 (image VAE), or PIL images (output_type "pil")
     frames: np.ndarray | None = None  # [B, T', H, W, 3] uint8 (video VAE)
     timings: dict[str, float] | None = None  # seconds per stage, on request
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a generation stands after a mask step (`on_step`): the latent frames it generates (a prefilled
+    image-to-video frame is not one) and their mask steps, done and in all."""
+
+    frames_done: int
+    frames: int
+    mask_steps_done: int
+    mask_steps: int
+
+
+class _Steps:
+    """Counts mask steps for the tqdm bar and the caller's `on_step`."""
+
+    def __init__(self, bar, on_step: Callable[[Progress], None] | None, frames: int, steps_per_frame: int):
+        self.bar, self.on_step, self.frames, self.per_frame, self.done = bar, on_step, frames, steps_per_frame, 0
+
+    def step(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+        if self.on_step is not None:
+            self.on_step(Progress(self.done // self.per_frame, self.frames, self.done, self.frames * self.per_frame))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +161,7 @@ class NOVARunner:
     def __call__(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
                  draws: RandomDraws | NumpyDraws | None = None, output_type: str = "np", return_timings: bool = False,
                  progress: bool = False, disable_progress_bar: bool | None = None, stop: StopSignal = NEVER,
-                 **options) -> RunnerOutput:
+                 on_step: Callable[[Progress], None] | None = None, **options) -> RunnerOutput:
         """Generate. options: those of the official pipeline with its defaults (`runtime.request.validate_request`,
         the README's table): negative_prompt, num_inference_steps, num_diffusion_steps, guidance_scale,
         guidance_trunc, flow_shift, max_latent_length, motion_flow, image, latents, num_images_per_prompt,
@@ -148,7 +172,8 @@ class NOVARunner:
         (latents only, nothing decoded). return_timings: seconds per stage in the output; progress (or the
         official disable_progress_bar=False): a progress bar over the mask steps (on stderr). stop: a cancel
         event and deadline, checked at every mask step and video window (`runtime.cancellation`: it raises
-        Cancelled or DeadlineExceeded, and the runner is ready for the next call)."""
+        Cancelled or DeadlineExceeded, and the runner is ready for the next call). on_step: called with a
+        `Progress` after every mask step, in the calling thread (a service's progress reports)."""
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r} (the compiled VAE "
                              f"graphs emit uint8 pixels: for 'pt' use runtime.reference.ReferencePipeline)")
@@ -156,7 +181,7 @@ class NOVARunner:
         progress = progress if disable_progress_bar is None else not disable_progress_bar
         timer, chunks = _Timer(self.backend, return_timings), []
         with self._lock:
-            latents = _drain(self._generate(plan, draws, timer, stop, progress, output_type != "latent"),
+            latents = _drain(self._generate(plan, draws, timer, stop, progress, on_step, output_type != "latent"),
                              chunks.append)
         timings = dict(timer.seconds) if return_timings else None
         if output_type == "latent":
@@ -169,7 +194,7 @@ class NOVARunner:
 
     def stream(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,
                draws: RandomDraws | NumpyDraws | None = None, stop: StopSignal = NEVER,
-               **options) -> Iterator[np.ndarray]:
+               on_step: Callable[[Progress], None] | None = None, **options) -> Iterator[np.ndarray]:
         """Yield decoded pixels as soon as they exist: the images, or each window of video frames
         ([B, T_window, H, W, 3]: 17 frames for the first window of 5 latents, 16 for each later one).
         Takes the options of `__call__` except `return_timings` and `progress`. The request is checked
@@ -179,7 +204,7 @@ class NOVARunner:
 
         def chunks() -> Iterator[np.ndarray]:
             with self._lock:
-                yield from self._generate(plan, draws, _Timer(self.backend, False), stop, False)
+                yield from self._generate(plan, draws, _Timer(self.backend, False), stop, False, on_step)
 
         return chunks()
 
@@ -213,6 +238,7 @@ class NOVARunner:
     # denoise_loop, the KV cache -> temporal_step) and where one is held while other graphs run (the
     # indicator and anchor through a frame, z_selected through a mask step's diffusion steps).
     def _generate(self, plan: _Plan, draws, timer: _Timer, stop: StopSignal, progress: bool,
+                  on_step: Callable[[Progress], None] | None,
                   decode: bool = True) -> Generator[np.ndarray, None, np.ndarray]:
         """Yield decoded pixels as they become decodable (unless not `decode`); -> the latents [B, C, T, h, w]."""
         g, request, upload = self.geometry, plan.request, self.backend.upload
@@ -238,8 +264,10 @@ class NOVARunner:
         cache = (out.get("k_cache"), out.get("v_cache"))
 
         mask_steps = None  # the token order is drawn with the first generated frame, as the reference
-        with tqdm(total=(loop_latents - bool(prefilled)) * len(plan.schedule), unit="step", desc="mask steps",
-                  disable=not progress, leave=False) as bar:
+        frames = loop_latents - bool(prefilled)
+        with tqdm(total=frames * len(plan.schedule), unit="step", desc="mask steps", disable=not progress,
+                  leave=False) as bar:
+            steps = _Steps(bar, on_step, frames, len(plan.schedule))
             for t in range(loop_latents):
                 # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
@@ -252,7 +280,7 @@ class NOVARunner:
                     if mask_steps is None:
                         order = draws.token_order((request.batch, g.num_tokens, 1), self._draw_dtype)[..., 0]
                         mask_steps = self._mask_step_inputs(feeds.pad_rows(order, g.batch), plan.schedule)
-                    latents.append(self._frame(loop, mask_steps, indicator, draws, timer, stop, bar))
+                    latents.append(self._frame(loop, mask_steps, indicator, draws, timer, stop, steps))
                 # 6. decode what became decodable
                 if decode:
                     yield from decoder.ready(latents)
@@ -319,7 +347,7 @@ class NOVARunner:
         return steps
 
     def _frame(self, loop: DiffusionLoop, mask_steps: list, indicator, draws, timer: _Timer, stop: StopSignal,
-               bar) -> np.ndarray:
+               steps: _Steps) -> np.ndarray:
         """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
         g, backend = self.geometry, self.backend
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
@@ -330,7 +358,7 @@ class NOVARunner:
                 z = backend.run("spatial", {"canvas": canvas, "indicator": indicator, **spatial})["z_selected"]
             with timer.stage("denoise"):
                 canvas = loop.run(canvas, z, drawn, place)
-            bar.update(1)
+            steps.step()
         return backend.download(canvas).astype(np.float32)
 
 

@@ -3,7 +3,7 @@
 Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS (e.g. `ray start --head` first),
 and serves until stopped. Every engine folder is verified, and the plan checked against the cluster's
 CPUs and GPUs, before any replica starts. Exit status: 0 stopped by SIGTERM, 2 refused, 130 interrupted
-(Ctrl-C).
+(Ctrl-C). The web demo is at / (http://127.0.0.1:8000/ by default).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds an image request may take from arrival (then 504, and its generation stops)")
     p.add_argument("--video-deadline-s", type=float, default=defaults.DEADLINE_S["video"],
                    help="seconds a video request may take from arrival (then 504, or an error event mid-stream)")
+    p.add_argument("--max-jobs", type=int, default=defaults.MAX_JOBS,
+                   help="video jobs held at once, queued, running or finished (POST /v1/videos/jobs)")
+    p.add_argument("--job-keep-s", type=float, default=defaults.JOB_KEEP_S,
+                   help="how long a finished video job is kept")
     return p
 
 
@@ -113,7 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
         app = build_app(args.engines, backend=args.backend, device=args.device, num_replicas=args.replicas,
                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
                         max_queued_requests=args.max_queued_requests, batch_wait_s=args.batch_wait_ms / 1000,
-                        deadlines_s={"image": args.image_deadline_s, "video": args.video_deadline_s})
+                        deadlines_s={"image": args.image_deadline_s, "video": args.video_deadline_s},
+                        max_jobs=args.max_jobs, job_keep_s=args.job_keep_s)
     except ValueError as error:
         return _refuse(str(error))
     if os.environ.get("RAY_ADDRESS"):

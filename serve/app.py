@@ -20,6 +20,7 @@ does not cost the others their images.
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import math
@@ -43,17 +44,13 @@ from ray.serve.handle import DeploymentHandle
 
 from runtime.cancellation import DeadlineExceeded, StopSignal
 from runtime.options import MAX_REQUEST_BYTES
-from serve import defaults
+from serve import defaults, jobs, openai_api
+from serve.errors import Refused
+from serve.progress import with_progress
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
+from serve.uploads import decode_image
 
-
-class Refused(ValueError):
-    """A request the replica will not or could not serve: the runner's refusal (400), no such model (404), a
-    passed deadline (504). `status` is the HTTP status, the message its one sentence."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+DEMO = Path(__file__).with_name("demo")  # the web page served at /
 
 
 # -- the model deployment ------------------------------------------------------------------------------------
@@ -143,7 +140,8 @@ class NOVAModel:
     def describe(self) -> dict[str, Any]:
         """What the engines were built for (GET /v1/models)."""
         g = self.runner.geometry
-        return {"id": model_id(self.folder), "kind": "video" if g.has_motion else "image",
+        height, width = g.image_size
+        return {"id": model_id(self.folder), "kind": "video" if g.has_motion else "image", "size": f"{width}x{height}",
                 "build": self.runner.describe_build(), "batch": g.batch, "cfg": g.cfg,
                 "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
@@ -242,6 +240,20 @@ class NOVAModel:
                                              **_runner_kwargs(options))
         return [_mp4(video, options["fps"]) for video in output.frames]
 
+    async def progress(self, kind: str, options: dict, deadline: float) -> AsyncIterator[dict]:
+        """One runner call reporting {"progress": ...} after every mask step, then {"result": [PNG or MP4 bytes
+        per image or video]}. Closing the stream stops the runner within one mask step (`serve.progress`)."""
+        caller = _Caller(options, deadline)
+        call, encode = _Call([caller]), _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
+
+        def run(on_step) -> list[bytes]:
+            output = self._call(call, seed=options["seed"], on_step=on_step, **_runner_kwargs(options))
+            return [encode(result) for result in (output.images if kind == "image" else output.frames)]
+
+        with self._held(caller):
+            async for event in with_progress(run, caller.leave):
+                yield event
+
     async def stream_video(self, options: dict, deadline: float) -> AsyncIterator[np.ndarray]:
         """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists. A worker thread
         runs the runner's stream to its end, or to its stop once the client has gone."""
@@ -315,6 +327,25 @@ def _failure(error: BaseException) -> JSONResponse:
     raise error
 
 
+def _sentence(error: BaseException) -> str:
+    """Why a replica call failed, in one sentence (a job's error)."""
+    try:
+        return json.loads(_failure(error).body)["error"]
+    except Exception:  # noqa: BLE001 - an error the service does not sort: told as it is
+        return f"{type(error).__name__}: {error}"
+
+
+def _options(body: ImageRequest | VideoRequest) -> dict:
+    """A request's options for the replica, a video's image decoded (a broken one refused here)."""
+    options = body.model_dump()
+    if options.get("image") is not None:
+        try:
+            options["image"] = decode_image(options["image"])
+        except ValueError as error:
+            raise Refused(str(error)) from None
+    return options
+
+
 def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -340,9 +371,12 @@ async def _answers(handle: DeploymentHandle) -> bool:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, models: dict[str, DeploymentHandle], deadlines_s: dict[str, float] = defaults.DEADLINE_S):
+    def __init__(self, models: dict[str, DeploymentHandle], deadlines_s: dict[str, float] = defaults.DEADLINE_S,
+                 job_settings: dict[str, float] | None = None):
+        """job_settings: the video jobs' max_jobs, keep_s and slots (`serve.jobs.Jobs`)."""
         self.models, self.deadlines_s = models, deadlines_s
         self._described: dict[str, dict] = {}
+        self.jobs = jobs.Jobs(_sentence, deadline_s=deadlines_s["video"], **(job_settings or {}))
         self._cancelled = metrics.Counter("nova_cancelled_requests", "requests stopped before their end: their "
                                           "client went away, or their deadline passed", tag_keys=("model", "reason"))
 
@@ -386,10 +420,17 @@ class Ingress:
     async def _generate(self, body: ImageRequest | VideoRequest, kind: str, method: str) -> list[bytes]:
         """The replica's answer to a request, within the kind's deadline (the replica stops there too; the
         ingress's own wait is one second longer, for a request that never reached a replica)."""
-        model = await self._model(body.model, kind)
-        response = getattr(self.models[model], method).remote(body.model_dump(), time.time() + self.deadlines_s[kind])
+        return await self._answer(await self._model(body.model, kind), _options(body), kind, method)
+
+    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
+        response = getattr(self.models[model], method).remote(options, time.time() + self.deadlines_s[kind])
         async with self._watched(model, kind, response.cancel):
             return await asyncio.wait_for(_awaited(response), self.deadlines_s[kind] + 1)
+
+    @api.get("/", response_model=None)
+    async def demo(self) -> Response:
+        """The web demo: a page over this API (serve/demo/)."""
+        return Response((DEMO / "index.html").read_bytes(), media_type="text/html")
 
     @api.get("/healthz", response_model=None)
     async def healthz(self, model: str | None = None) -> JSONResponse:
@@ -409,9 +450,17 @@ class Ingress:
         return {"models": [await self._describe(name) for name in self.models]}
 
     @api.post("/v1/images", response_model=None)
-    async def images(self, body: ImageRequest) -> Response:
-        """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major)."""
+    async def images(self, body: ImageRequest, stream: bool = False) -> Response:
+        """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major). stream=true:
+        server-sent events, `progress` after every mask step, then `done` with the images (or `error`)."""
         try:
+            if stream:
+                model = await self._model(body.model, "image")
+                events = self.models[model].options(stream=True).progress.remote(
+                    "image", body.model_dump(), time.time() + self.deadlines_s["image"])
+                async with self._watched(model, "image", events.cancel):  # a refusal comes first: a status
+                    first = await events.__anext__()
+                return StreamingResponse(self._progress_events(model, first, events), media_type="text/event-stream")
             images = await self._generate(body, "image", "images")
         except Exception as error:  # noqa: BLE001 - sorted by _failure, which re-raises the unknown
             return _failure(error)
@@ -434,7 +483,7 @@ class Ingress:
         try:
             model = await self._model(body.model, "video")
             deadline = time.time() + self.deadlines_s["video"]
-            windows = self.models[model].options(stream=True).stream_video.remote(body.model_dump(), deadline)
+            windows = self.models[model].options(stream=True).stream_video.remote(_options(body), deadline)
             async with self._watched(model, "video", windows.cancel):  # a refusal comes before any window: a status
                 first = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
         except Exception as error:  # noqa: BLE001
@@ -461,6 +510,74 @@ class Ingress:
                     return
         yield _event("done", {"frames": start})
 
+    async def _progress_events(self, model: str, first: dict, events) -> AsyncIterator[bytes]:
+        """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
+        mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}.
+        A client that closes the stream cancels the replica's generation."""
+        event = first
+        async with self._watched(model, "image", events.cancel):
+            while event is not None:
+                if "progress" in event:
+                    yield _event("progress", event["progress"])
+                else:
+                    yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    event = None
+                except Exception as error:  # noqa: BLE001
+                    yield _event("error", {"status": _failure(error).status_code, "error": _sentence(error)})
+                    return
+
+    @api.post("/v1/images/generations", response_model=None)
+    async def image_generations(self, body: openai_api.ImageGeneration) -> Response:
+        """The OpenAI images API (serve/openai_api.py): {"created", "data": [{"b64_json"}, ...]}."""
+        try:
+            model = await self._describe(await self._model(body.model, "image"))
+            images = await self._answer(model["id"], openai_api.image_options(body, model), "image", "images")
+        except Exception as error:  # noqa: BLE001
+            return _failure(error)
+        return JSONResponse(openai_api.images_response(images))
+
+    @api.post("/v1/videos/jobs", response_model=None)
+    async def create_video_job(self, body: VideoRequest) -> Response:
+        """A video job (serve/jobs.py), answered at once with its status."""
+        try:
+            model = await self._model(body.model, "video")
+            job = self.jobs.submit(model, self.models[model], _options(body))
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+        return JSONResponse(self.jobs.describe(job))
+
+    @api.get("/v1/videos/jobs/{job_id}", response_model=None)
+    async def video_job(self, job_id: str) -> Response:
+        try:
+            return JSONResponse(self.jobs.describe(self.jobs.get(job_id)))
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+
+    @api.delete("/v1/videos/jobs/{job_id}", response_model=None)
+    async def cancel_video_job(self, job_id: str) -> Response:
+        """Cancel a queued or running job (its runner stops within one mask step); delete a finished one."""
+        try:
+            return JSONResponse(self.jobs.describe(await self.jobs.cancel(job_id)))
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+
+    @api.get("/v1/videos/jobs/{job_id}/content", response_model=None)
+    async def video_job_content(self, job_id: str, index: int = 0) -> Response:
+        """The job's video `index` (of its num_images_per_prompt x prompts), video/mp4, once it is done."""
+        try:
+            job = self.jobs.get(job_id)
+        except Refused as refusal:
+            return _error(refusal.status, str(refusal))
+        if job.status != "done":
+            return _error(409, f"job {job_id!r} is {job.status}, not done: it has no video"
+                          + (f" ({job.error})" if job.error else ""))
+        if not 0 <= index < len(job.videos):
+            return _error(404, f"job {job_id!r} made {len(job.videos)} videos; index must be in [0, {len(job.videos)})")
+        return Response(job.videos[index], media_type="video/mp4")
+
 
 # -- building the application ----------------------------------------------------------------------------------
 
@@ -469,7 +586,8 @@ def build_app(engines: list[str], *, backend: str = "auto", device: str | None =
               num_cpus: float = defaults.NUM_CPUS, num_gpus: float = 0,
               max_ongoing_requests: int = defaults.MAX_ONGOING_REQUESTS,
               max_queued_requests: int = defaults.MAX_QUEUED_REQUESTS, batch_wait_s: float = defaults.BATCH_WAIT_S,
-              deadlines_s: dict[str, float] = defaults.DEADLINE_S, env: dict[str, str] | None = None) -> Application:
+              deadlines_s: dict[str, float] = defaults.DEADLINE_S, env: dict[str, str] | None = None,
+              max_jobs: int = defaults.MAX_JOBS, job_keep_s: float = defaults.JOB_KEEP_S) -> Application:
     """One NOVAModel deployment per engine folder (named by the folder) behind the ingress.
 
     num_cpus / num_gpus: each replica's Ray resources (num_gpus=1: one replica per GPU; Ray sets
@@ -477,7 +595,8 @@ def build_app(engines: list[str], *, backend: str = "auto", device: str | None =
     holds at once; at least twice the built batch lets the next batch fill while one runs. max_queued_requests:
     requests a deployment queues for its replicas; beyond it the ingress answers 503 with Retry-After.
     deadlines_s: seconds per request kind ("image", "video") from its arrival. env: environment variables of
-    the replicas (e.g. NOVA_ORT_THREADS)."""
+    the replicas (e.g. NOVA_ORT_THREADS). max_jobs: video jobs held at once (queued, running or finished);
+    job_keep_s: how long a finished job's video is kept."""
     if not engines:
         raise ValueError("give at least one engine folder")
     ids = [model_id(folder) for folder in engines]
@@ -492,7 +611,7 @@ def build_app(engines: list[str], *, backend: str = "auto", device: str | None =
                                       backpressure_config={"retry_after_s": defaults.RETRY_AFTER_S})
               .bind(str(Path(folder).resolve()), backend, device, batch_wait_s)
               for name, folder in zip(ids, engines)}
-    return Ingress.bind(models, dict(deadlines_s))
+    return Ingress.bind(models, dict(deadlines_s), {"max_jobs": max_jobs, "keep_s": job_keep_s, "slots": num_replicas})
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -8,3 +8,5 @@ RETRY_AFTER_S = 1  # the Retry-After of that 503 (whole seconds, as HTTP writes 
 BATCH_WAIT_S = 0.02  # longest wait for a batch to fill
 DEADLINE_S = {"image": 120.0, "video": 900.0}  # from arrival at the ingress to the last byte generated
 HEALTH_PROBE_S = 1.0  # a model that does not answer /healthz's probe within this is down
+MAX_JOBS = 64  # video jobs the ingress holds at once, queued, running or finished
+JOB_KEEP_S = 3600.0  # how long a finished video job (and its mp4) is kept

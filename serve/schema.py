@@ -15,7 +15,7 @@ from runtime.options import FPS, OPTIONS, SEED, SEED_LIMIT, Option
 IMAGE_OPTIONS = ("prompt", "negative_prompt", "num_inference_steps", "num_diffusion_steps", "guidance_scale",
                  "guidance_trunc", "flow_shift", "num_images_per_prompt")
 VIDEO_OPTIONS = (*IMAGE_OPTIONS, "max_latent_length", "motion_flow")
-RUNNER_OPTIONS = VIDEO_OPTIONS
+RUNNER_OPTIONS = (*VIDEO_OPTIONS, "image")  # image: base64 over HTTP, decoded by the ingress (serve/uploads.py)
 
 
 class _Request(BaseModel):
@@ -40,6 +40,7 @@ def _model(name: str, names: tuple[str, ...], **extra: tuple[Any, Any]) -> type[
 
 ImageRequest = _model("ImageRequest", IMAGE_OPTIONS)
 VideoRequest = _model("VideoRequest", VIDEO_OPTIONS,
-                      fps=(int, Field(FPS.default, ge=FPS.minimum, le=FPS.maximum, description=FPS.help)))
+                      fps=(int, Field(FPS.default, ge=FPS.minimum, le=FPS.maximum, description=FPS.help)),
+                      image=(str | None, Field(None, description=f"{OPTIONS['image'].help}, as a base64 PNG or JPEG")))
 
 __all__ = ["IMAGE_OPTIONS", "ImageRequest", "RUNNER_OPTIONS", "VIDEO_OPTIONS", "VideoRequest"]

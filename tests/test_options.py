@@ -14,7 +14,7 @@ from runtime.configs import transformer_config
 from runtime.options import (DEFAULT_MOTION_FLOW, MAX_DIFFUSION_STEPS, MAX_IMAGES_PER_REQUEST, MAX_LATENT_LENGTH,
                              MAX_MASK_STEPS, MAX_PROMPT_CHARS, MAX_REQUEST_BYTES, OPTIONS, SEED_LIMIT)
 from runtime.request import validate_request
-from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
+from serve.schema import IMAGE_OPTIONS, VIDEO_OPTIONS, ImageRequest, VideoRequest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -58,9 +58,10 @@ def test_the_cli_flags_are_the_declared_options(command):
 
 
 def test_the_http_models_are_the_declared_options():
-    for model, names in ((ImageRequest, RUNNER_OPTIONS[:-2]), (VideoRequest, RUNNER_OPTIONS)):
+    for model, names, extra in ((ImageRequest, IMAGE_OPTIONS, set()),
+                                (VideoRequest, (*VIDEO_OPTIONS, "image"), {"fps"})):
         fields = model.model_fields
-        assert set(fields) == {"model", "seed", *names} | ({"fps"} if model is VideoRequest else set())
+        assert set(fields) == {"model", "seed", *names} | extra
         assert fields["prompt"].is_required()
         assert {n: fields[n].default for n in names if n != "prompt"} == {n: OPTIONS[n].default for n in names
                                                                            if n != "prompt"}

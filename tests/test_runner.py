@@ -102,6 +102,22 @@ def test_stream_yields_each_video_window_as_it_is_decoded(t2v):
     assert np.array_equal(np.concatenate(chunks, axis=1), full.frames)
 
 
+def test_on_step_reports_every_mask_step_of_the_generated_frames(t2v):
+    from runtime.runner import Progress
+
+    runner, _ = t2v
+    seen: list[Progress] = []
+    image = np.zeros((64, 64, 3), np.uint8)  # a prefilled frame 0: 2 of the 3 latent frames are generated
+    options = dict(num_inference_steps=4, num_diffusion_steps=2, max_latent_length=3)
+    streamed = list(runner.stream("a bird", seed=1, image=image, on_step=seen.append, **options))
+    assert seen[0] == Progress(frames_done=0, frames=2, mask_steps_done=1, mask_steps=8)
+    assert [p.mask_steps_done for p in seen] == list(range(1, 9)) and seen[-1].frames_done == 2
+    assert seen[3].frames_done == 1 and seen[2].frames_done == 0  # a frame is done with its last mask step
+    called: list[Progress] = []
+    assert np.array_equal(runner("a bird", seed=1, image=image, on_step=called.append, **options).frames,
+                          np.concatenate(streamed, axis=1)) and called == seen
+
+
 @pytest.mark.parametrize("latents, frames", [(1, 1), (3, 9), (6, 17), (9, 33)])
 def test_every_latent_length_decodes_like_the_official_tiling(t2v, latents, frames):
     runner, pipe = t2v

@@ -1,0 +1,293 @@
+"""What users of the service expect beyond the plain API (serve/): the OpenAI images API through the real
+`openai` client, image progress streams, video jobs (polled, cancelled), image-to-video over HTTP, and the
+web demo at / in a real browser (Debian's chromium driven by playwright).
+
+One Ray instance and one application per module, over the engine folders tests/test_serve.py serves (a
+batch-4 tiny-t2i and a tiny-t2v with a 9-latent cache). Every served result is compared with a direct
+NOVARunner call.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from runtime import NOVARunner
+
+STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
+VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
+# A video job long enough to cancel midway: per-step graphs (the build unrolls 4 diffusion steps), 9 x 64
+# mask steps of 200 diffusion steps each.
+LONG_VIDEO = dict(max_latent_length=9, num_inference_steps=64, num_diffusion_steps=200)
+TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NOVA_ORT_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def image_runner(t2i_b4_engines, one_thread):
+    return NOVARunner.from_engines(t2i_b4_engines)
+
+
+@pytest.fixture(scope="module")
+def video_runner(t2v_engines, one_thread):
+    return NOVARunner.from_engines(t2v_engines)
+
+
+@pytest.fixture(scope="module")
+def server(t2i_b4_engines, t2v_engines, one_thread):
+    """Base URL of the application on a local Ray instance (2 CPUs, no dashboard), 127.0.0.1 only."""
+    ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[serve]')")
+    from ray import serve
+
+    from serve.app import build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app([str(t2i_b4_engines), str(t2v_engines)], env={"NOVA_ORT_THREADS": "1"}, max_jobs=4,
+                            job_keep_s=600), name="nova", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body: dict, **kwargs) -> requests.Response:
+    return requests.post(url, json=body, timeout=TIMEOUT, **kwargs)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def events(response: requests.Response) -> list[tuple[str, dict]]:
+    """The server-sent events of a response: (name, data) each."""
+    blocks = response.text.strip().split("\n\n")
+    return [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
+            for b in blocks]
+
+
+def poll(server: str, job_id: str, until) -> dict:
+    """The job's state once `until(state)` holds (bounded by TIMEOUT)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        state = requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).json()
+        if until(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the awaited state: {state}")
+
+
+def forget(server: str, job_id: str) -> None:
+    """Cancel a job if it is still queued or running (the first DELETE), then delete it (the next)."""
+    for _ in range(2):
+        requests.delete(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT)
+    assert requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).status_code == 404
+
+
+# -- the OpenAI images API -----------------------------------------------------------------------------------
+
+
+def test_openai_client_images_generate_equals_direct_call(server, image_runner, t2i_b4_engines):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    one = client.images.generate(prompt="a red bicycle", size="64x64", response_format="b64_json",
+                                 extra_body={"seed": 3, **STEPS})
+    np.testing.assert_array_equal(pixels(base64.b64decode(one.data[0].b64_json)),
+                                  image_runner("a red bicycle", seed=3, **STEPS).images[0])
+    two = client.images.generate(model=t2i_b4_engines.name, prompt="a lighthouse", n=2,
+                                 extra_body={"seed": 5, "negative_prompt": "fog", "guidance_scale": 3.0, **STEPS})
+    direct = image_runner("a lighthouse", seed=5, negative_prompt="fog", guidance_scale=3.0, num_images_per_prompt=2,
+                          **STEPS)
+    np.testing.assert_array_equal(np.stack([pixels(base64.b64decode(d.b64_json)) for d in two.data]), direct.images)
+    assert two.created > 0 and len(two.data) == 2
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"size": "1024x1024"}, "size '1024x1024' is not served: model 't2i-b4' generates 64x64 images"),
+    ({"response_format": "url"}, "response_format 'url' is not served: this service hosts no files"),
+    ({"num_images_per_prompt": 2}, "give the number of images as n"),
+    ({"num_inference_steps": 2}, "num_inference_steps"),  # the runner's refusal (below the build's minimum)
+])
+def test_openai_refusals_are_one_sentence(server, body, message):
+    response = post(f"{server}/v1/images/generations", {"prompt": "a cat", **body})
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+# -- progress ----------------------------------------------------------------------------------------------------
+
+
+def test_image_stream_reports_every_mask_step_then_the_image(server, image_runner):
+    with post(f"{server}/v1/images?stream=true", {"prompt": "a kite", "seed": 7, **STEPS}, stream=True) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        received = events(response)
+    steps: list = []
+    direct = image_runner("a kite", seed=7, on_step=steps.append, **STEPS)
+    assert [name for name, _ in received] == ["progress"] * len(steps) + ["done"]
+    assert [data for _, data in received[:-1]] == [dataclasses.asdict(step) for step in steps]
+    np.testing.assert_array_equal(pixels(base64.b64decode(received[-1][1]["images"][0])), direct.images[0])
+
+
+def test_leaving_an_image_stream_frees_the_replica(server, image_runner):
+    """A client that goes away after the first progress event (the demo's cancel) stops the runner at its
+    next mask step: the next request does not wait for the hundreds of diffusion launches left."""
+    started = time.monotonic()
+    with post(f"{server}/v1/images?stream=true", {"prompt": "a storm", "seed": 1, "num_inference_steps": 64,
+                                                  "num_diffusion_steps": 1000}, stream=True) as response:
+        lines = response.iter_lines()
+        assert next(lines) == b"event: progress"
+        first = json.loads(next(lines).removeprefix(b"data: "))
+        per_step = time.monotonic() - started  # at most: it also holds the text encoder and the connection
+    left_s = (first["mask_steps"] - 1) * per_step
+    next_started = time.monotonic()
+    answer = post(f"{server}/v1/images", {"prompt": "a kite", "seed": 7, **STEPS})
+    assert answer.status_code == 200 and time.monotonic() - next_started < left_s / 2, (per_step, left_s)
+
+
+# -- video jobs ----------------------------------------------------------------------------------------------------
+
+
+def test_video_job_polled_to_done_equals_the_blocking_call(server):
+    body = {"prompt": "waves on a beach", "seed": 3, "fps": 8, **VIDEO}
+    created = post(f"{server}/v1/videos/jobs", body).json()
+    assert created["status"] in ("queued", "running") and created["id"].startswith("video_")
+    done = poll(server, created["id"], lambda state: state["status"] not in ("queued", "running"))
+    assert done["status"] == "done", done
+    assert done["progress"] == {"frames_done": 9, "frames": 9, "mask_steps_done": 36, "mask_steps": 36}
+    assert done["running_s"] > 0 and done["finished_at"] >= done["started_at"] >= done["created_at"]
+    content = requests.get(f"{server}/v1/videos/jobs/{created['id']}/content", timeout=TIMEOUT)
+    assert content.headers["content-type"] == "video/mp4"
+    # the same replica process encodes both, so the bytes are equal (libx264 is deterministic per process)
+    assert content.content == post(f"{server}/v1/videos", body).content
+    gone = requests.delete(f"{server}/v1/videos/jobs/{created['id']}", timeout=TIMEOUT)
+    assert gone.json()["status"] == "done"
+    assert requests.get(f"{server}/v1/videos/jobs/{created['id']}", timeout=TIMEOUT).status_code == 404
+
+
+def test_cancelled_job_frees_the_replica_and_queued_jobs_have_a_position(server, video_runner):
+    long = post(f"{server}/v1/videos/jobs", {"prompt": "a storm", "seed": 1, **LONG_VIDEO}).json()
+    queued = post(f"{server}/v1/videos/jobs", {"prompt": "a calm sea", "seed": 2, **VIDEO}).json()
+    assert queued["status"] == "queued" and queued["queue_position"] == 0  # behind the long one, first in line
+    poll(server, long["id"], lambda state: (state["progress"] or {}).get("mask_steps_done", 0) >= 1)
+    cancelled = requests.delete(f"{server}/v1/videos/jobs/{long['id']}", timeout=TIMEOUT).json()
+    assert cancelled["status"] == "cancelled" and cancelled["progress"]["mask_steps_done"] < 9 * 64
+    # The replica is free: the queued job's runner call waits only for the cancelled one's current mask step
+    # (the runner checks its stop at every step), not for the hundreds of steps left.
+    done = poll(server, queued["id"], lambda state: state["status"] not in ("queued", "running"))
+    steps = cancelled["progress"]
+    left_s = (steps["mask_steps"] - steps["mask_steps_done"]) * cancelled["running_s"] / steps["mask_steps_done"]
+    assert done["status"] == "done" and done["running_s"] < left_s / 2, (done, left_s)
+
+
+def test_job_refusals(server):
+    refused = post(f"{server}/v1/videos/jobs", {"prompt": "x", "max_latent_length": 10})
+    assert refused.status_code == 200  # the job takes it; the runner's refusal is the job's error
+    failed = poll(server, refused.json()["id"], lambda state: state["status"] == "failed")
+    assert "max_latent_length" in failed["error"]
+    content = requests.get(f"{server}/v1/videos/jobs/{failed['id']}/content", timeout=TIMEOUT)
+    assert content.status_code == 409 and "failed, not done" in content.json()["error"]
+    assert requests.get(f"{server}/v1/videos/jobs/video_nope", timeout=TIMEOUT).status_code == 404
+
+
+def test_jobs_are_bounded_in_number(server):
+    """The app holds max_jobs=4 jobs; finished ones count until deleted or expired."""
+    created, answer = [], None
+    for _ in range(5):
+        answer = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", "seed": 0, **VIDEO})
+        if answer.status_code != 200:
+            break
+        created.append(answer.json()["id"])
+    assert answer.status_code == 429 and answer.json()["error"] == (
+        "the service holds its 4 jobs already (finished ones are kept 600 s, or until deleted); retry later")
+    for job_id in created:
+        forget(server, job_id)
+    room = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", **VIDEO})
+    assert room.status_code == 200
+    forget(server, room.json()["id"])
+
+
+# -- image-to-video ------------------------------------------------------------------------------------------------
+
+
+def test_image_to_video_over_http_equals_the_direct_call(server, video_runner, tmp_path):
+    """A 96x48 JPEG: the runner fits it to the model's 64x64 as it fits the same picture given directly."""
+    picture = (np.random.default_rng(0).random((48, 96, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG")
+    options = dict(max_latent_length=3, num_inference_steps=4, num_diffusion_steps=4)
+    body = {"prompt": "a cat walks", "seed": 4, "image": base64.b64encode(buffer.getvalue()).decode(), **options}
+    with post(f"{server}/v1/videos?stream=true", body, stream=True) as response:
+        windows = [data for name, data in events(response) if name == "window"]
+    served = np.frombuffer(base64.b64decode(windows[0]["frames"]), np.uint8).reshape(windows[0]["shape"])
+    direct = video_runner("a cat walks", seed=4, image=np.asarray(Image.open(buffer)), **options).frames
+    np.testing.assert_array_equal(served, direct)
+    broken = post(f"{server}/v1/videos", {**body, "image": "bm90IGEgcGljdHVyZQ=="})
+    assert broken.status_code == 400 and broken.json()["error"] == (
+        "image must be a base64 PNG or JPEG, and its bytes are neither")
+
+
+# -- the web demo in a real browser --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_selector("body[data-ready=true]", timeout=TIMEOUT * 1000)
+        yield page
+        browser.close()
+
+
+def test_demo_generates_the_direct_calls_image(page, image_runner):
+    page.fill("#image-prompt", "a watercolor fox")
+    page.fill("#image-seed", "11")
+    page.fill("#image-mask-steps", "8")
+    page.fill("#image-diffusion-steps", "4")
+    page.click("#image-generate")
+    shown = page.wait_for_selector("#image-results img", timeout=TIMEOUT * 1000)
+    png = base64.b64decode(shown.get_attribute("src").removeprefix("data:image/png;base64,"))
+    np.testing.assert_array_equal(pixels(png), image_runner("a watercolor fox", seed=11, **STEPS).images[0])
+    assert page.text_content("#image-status") == "done: 1 image(s), seed 11"
+    page.fill("#image-mask-steps", "2")  # below the build's minimum: the runner's sentence is shown
+    page.click("#image-generate")
+    page.wait_for_selector("#image-status.refused", timeout=TIMEOUT * 1000)
+    assert "num_inference_steps" in page.text_content("#image-status")
+
+
+def test_demo_cancels_a_video_midway(page):
+    page.click("#tab-video")
+    page.fill("#video-prompt", "a storm at sea")
+    for field, value in (("latents", 9), ("mask-steps", 64), ("diffusion-steps", 200)):
+        page.fill(f"#video-{field}", str(value))
+    page.click("#video-generate")
+    page.wait_for_function("document.getElementById('video-progress').value >= 1", timeout=TIMEOUT * 1000)
+    page.click("#video-cancel")
+    page.wait_for_function("document.getElementById('video-status').textContent === 'cancelled'",
+                           timeout=TIMEOUT * 1000)
+    assert page.eval_on_selector("#video-progress", "bar => bar.value") < 9 * 64
