@@ -344,13 +344,15 @@ def test_closed_stream_stops_its_generation(server, t2v9):
 
 
 def test_deadline_gives_504_and_frees_the_replica(server, t2v9):
-    """The 8 s video deadline: a video at the diffusion-step cap (10-20 s of work) gets 504 at its deadline (within
+    """The 8 s video deadline: a video at the diffusion-step cap with 16 mask steps per frame (some 30 s of work on
+    an idle machine, where 4 mask steps took under 8 s) gets 504 at its deadline (within
     a mask step), and the next video is served as fast as it is alone."""
     runner = NOVARunner.from_engines(t2v9)
     alone = time.monotonic()
     runner("waves", seed=4, **VIDEO)
     alone = time.monotonic() - alone
-    response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "too long", **VIDEO, "num_diffusion_steps": 1000})
+    too_long = {**VIDEO, "num_inference_steps": 16, "num_diffusion_steps": 1000}  # ~4x VIDEO's mask steps at the cap
+    response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "too long", **too_long})
     assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
     assert VIDEO_DEADLINE_S <= seconds < VIDEO_DEADLINE_S + 2, f"504 after {seconds:.1f} s"
     response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "waves", "seed": 4, **VIDEO})
