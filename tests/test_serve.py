@@ -28,7 +28,8 @@ TIMEOUT = 60  # seconds, any one HTTP exchange
 # the longest legal image request on the tiny engines (16 tokens, 1000 diffusion steps, the cap): 5-9 s on the
 # 2 shared cores, in mask steps of 0.3-0.6 s; a video of 9 latents at the cap takes twice that at least
 LONG = {"num_inference_steps": 16, "num_diffusion_steps": 1000}
-VIDEO_DEADLINE_S = 8.0  # the "nova" app's: well above VIDEO's ~1 s, well below a video at the cap
+VIDEO_DEADLINE_S = 12.0  # the "nova" app's: well above VIDEO's ~1 s (8 s was hit under a loaded CI run), well
+# below the too-long video of the deadline test
 TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
 
 
@@ -344,14 +345,14 @@ def test_closed_stream_stops_its_generation(server, t2v9):
 
 
 def test_deadline_gives_504_and_frees_the_replica(server, t2v9):
-    """The 8 s video deadline: a video at the diffusion-step cap with 16 mask steps per frame (some 30 s of work on
-    an idle machine, where 4 mask steps took under 8 s) gets 504 at its deadline (within
+    """The video deadline: a video at the diffusion-step cap with a mask step per token (24: some 30 s of work on
+    an idle machine, where 4 mask steps took 5-8 s) gets 504 at its deadline (within
     a mask step), and the next video is served as fast as it is alone."""
     runner = NOVARunner.from_engines(t2v9)
     alone = time.monotonic()
     runner("waves", seed=4, **VIDEO)
     alone = time.monotonic() - alone
-    too_long = {**VIDEO, "num_inference_steps": 16, "num_diffusion_steps": 1000}  # ~4x VIDEO's mask steps at the cap
+    too_long = {**VIDEO, "num_inference_steps": 24, "num_diffusion_steps": 1000}  # a mask step per token, at the cap
     response, seconds = _timed_post(f"{server}/v1/videos", {"prompt": "too long", **too_long})
     assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
     assert VIDEO_DEADLINE_S <= seconds < VIDEO_DEADLINE_S + 2, f"504 after {seconds:.1f} s"
@@ -381,13 +382,16 @@ def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner
             excess.append(pool.submit(_timed_post, url, {"prompt": "one too many", "seed": i, **steps}))
             time.sleep(0.025)
         excess = [future.result(timeout=TIMEOUT) for future in excess]
-        accepted = [future.result(timeout=TIMEOUT)[0] for future in accepted]
+        accepted = [future.result(timeout=TIMEOUT) for future in accepted]
+    batch = min(seconds for _, seconds in accepted)  # the fastest accepted request: one batch of the replica
     for response, seconds in excess:
         assert response.status_code == 503 and "queue is full" in response.json()["error"], response.text
-        # at once: within 100 ms, or within 3x a 404's time when other work slows the machine; a refused request
-        # that waited for the queue would take a batch (~1 s)
-        assert response.headers["Retry-After"] == "1" and seconds < max(0.1, 3 * alone), (response.headers, seconds,
-                                                                                          alone)
+        # at once: within 100 ms on an idle machine; where the suite's other worker slows everything (a 404 took
+        # 63 ms, a 503 290 ms in a CI-like run), within half a batch: a refused request that had waited for the
+        # queue would take at least one batch
+        bound = max(0.1, 3 * alone, batch / 2)
+        assert response.headers["Retry-After"] == "1" and seconds < bound, (response.headers, seconds, alone, batch)
+    accepted = [response for response, _ in accepted]
     assert [response.status_code for response in accepted] == [200] * len(fill)
     # the direct calls, four rows at a time: a row of PerRowDraws is its call of its own (the first test)
     for start in range(0, len(fill), 4):
