@@ -105,3 +105,11 @@ def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
     for 4 steps like the other fixtures (its default 25 would add ~20 s of export; requests at 25 steps take
     the per-step graphs)."""
     return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Replicas and direct runners alike run ONNX Runtime on one thread (2 shared cores)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NOVA_ORT_THREADS", "1")
+        yield

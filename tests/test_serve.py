@@ -34,14 +34,6 @@ VIDEO_DEADLINE_S = 4.0
 TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Replicas and direct runners alike run ONNX Runtime on one thread (2 shared cores)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NOVA_ORT_THREADS", "1")
-        yield
-
-
 @pytest.fixture(scope="session")
 def t2i_b4(t2i_b4_engines):
     return t2i_b4_engines

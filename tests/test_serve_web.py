@@ -34,13 +34,6 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NOVA_ORT_THREADS", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
 def image_runner(t2i_b4_engines, one_thread):
     return NOVARunner.from_engines(t2i_b4_engines)
 
