@@ -47,16 +47,16 @@ def t2i_pipe(tiny_t2i):
     return ReferencePipeline.from_pretrained(tiny_t2i)
 
 
-def _engine_folder(checkpoint, out, profile, precision="fp32"):
-    """An ONNX Runtime engine folder (default exporter, validated), as export/build_engines.py writes it."""
+def _engine_folder(checkpoint, out, profile, precision="fp32", exporter="dynamo"):
+    """An ONNX Runtime engine folder (validated), as export/build_engines.py writes it."""
     from export.build import BuildOptions, build
 
-    build(BuildOptions(checkpoint=checkpoint, out=out, precision=precision, profile=profile, progress=False),
-          report=lambda message: None)
+    build(BuildOptions(checkpoint=checkpoint, out=out, precision=precision, profile=profile, exporter=exporter,
+                       progress=False), report=lambda message: None)
     return out
 
 
-def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", **profile):
+def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", exporter: str = "dynamo", **profile):
     """An fp32 folder whose diffusion loop is unrolled for 4 steps, the num_diffusion_steps the tests request:
     they run the one-launch-per-mask-step path a deployment runs at its built count, and the export of 4
     unrolled steps takes ~3 s against ~24 s for the default 25."""
@@ -64,7 +64,7 @@ def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", *
 
     profile = {"diffusion_steps": 4, **profile}
     return _shared(tmp_path_factory, name,
-                   lambda folder: _engine_folder(checkpoint, folder, BuildProfile(**profile), precision))
+                   lambda folder: _engine_folder(checkpoint, folder, BuildProfile(**profile), precision, exporter))
 
 
 @pytest.fixture(scope="session")
@@ -84,18 +84,25 @@ def t2v_engines(tiny_t2v, tmp_path_factory):
     return _engines(tmp_path_factory, tiny_t2v, "t2v9", min_mask_steps=4, max_latent_length=9)
 
 
+# The third-pass folders test the runner's guidance logic against the reference; the default exporter (dynamo)
+# is checked graph by graph on the image and video folders (tests/test_export.py), and the TorchScript exporter
+# builds these two folders in ~10 s against ~40 s each.
+THIRD_PASS_EXPORTER = "torchscript"
+
+
 @pytest.fixture(scope="session")
 def t2i_third_pass_engines(tiny_t2i, tmp_path_factory):
     """Every official option: three guidance row blocks (on an image checkpoint: no motion_flow, so raw_bos
-    follows frame_position) and the whole-grid diffusion loop of guidance_renorm."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", third_pass=True, guidance_renorm=True, min_mask_steps=8)
+    follows frame_position) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported, as
+    THIRD_PASS_EXPORTER says why."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", exporter=THIRD_PASS_EXPORTER, third_pass=True, guidance_renorm=True, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
     """Every official option: three guidance row blocks (image_guidance_scale and spatiotemporal_guidance_scale,
-    and plain CFG) and the whole-grid diffusion loop of guidance_renorm."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, guidance_renorm=True, min_mask_steps=4,
+    and plain CFG) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported (THIRD_PASS_EXPORTER)."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", exporter=THIRD_PASS_EXPORTER, third_pass=True, guidance_renorm=True, min_mask_steps=4,
                     max_latent_length=3)
 
 
