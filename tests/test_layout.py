@@ -135,3 +135,14 @@ def test_the_core_imports_with_torch_blocked():
         f"import {m}" for m in CORE)
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_no_tracked_file_holds_a_merge_conflict():
+    """A merge once committed README.md with its conflict markers; they would have shipped as documentation."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    markers = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")
+    conflicted = [name for name in files if (ROOT / name).is_file() and (ROOT / name).suffix in (".md", ".py", ".html",
+                                                                                                  ".toml", ".sh", "")
+                  and any(line.startswith(markers) for line in (ROOT / name).read_text(errors="replace")
+                          .splitlines(keepends=True))]
+    assert not conflicted, f"merge-conflict markers in {conflicted}"
