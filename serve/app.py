@@ -20,7 +20,6 @@ does not cost the others their images.
 import asyncio
 import base64
 import contextlib
-import functools
 import io
 import json
 import math
@@ -42,11 +41,12 @@ from ray.serve import Application, metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from runtime.cancellation import DeadlineExceeded, StopSignal
+from runtime.cancellation import Cancelled, DeadlineExceeded, StopSignal
 from runtime.options import MAX_REQUEST_BYTES
+from runtime.runner import Progress
 from serve import defaults, jobs, openai_api
 from serve.errors import Refused
-from serve.progress import with_progress
+from serve.progress import Emit, from_thread, progress_event
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
 from serve.uploads import decode_image
 
@@ -127,7 +127,7 @@ class NOVAModel:
 
         self.folder = Path(folder)
         self.runner = NOVARunner.from_engines(self.folder, backend=backend, device=device)
-        self.counts = {"requests": 0, "runner_calls": 0, "waiting": 0}
+        self.counts = {"requests": 0, "runner_calls": 0, "stopped": 0, "waiting": 0}
         self._counting = threading.Lock()  # counted in the event loop and in worker threads
         self._turn = threading.Lock()  # one runner call at a time: the others wait here, counted as waiting
         self._queue_depth = metrics.Gauge("nova_queue_depth", "requests a replica holds that wait for the runner",
@@ -146,8 +146,9 @@ class NOVAModel:
                 "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
     def stats(self) -> dict[str, int]:
-        """This replica's counts since it started (requests served, runner calls made), the requests waiting
-        for the runner now, and its process id (benchmarks/serve.py follows its memory)."""
+        """This replica's counts since it started (requests served, runner calls made, runner calls stopped before
+        their end: their clients gone or their deadline passed), the requests waiting for the runner now, and its
+        process id (benchmarks/serve.py follows its memory)."""
         with self._counting:
             return {**self.counts, "pid": os.getpid()}
 
@@ -180,7 +181,7 @@ class NOVAModel:
 
     @contextlib.contextmanager
     def _running(self, call: _Call):
-        """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`."""
+        """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`, a stop is counted."""
         with self._turn:
             self._wait(call.callers, False)
             call.stop.check()  # its clients left, or its deadline passed, while it waited: no work at all
@@ -189,6 +190,9 @@ class NOVAModel:
                 yield
             except ValueError as error:
                 raise Refused(str(error)) from None
+            except Cancelled:
+                self._count("stopped")
+                raise
 
     def _call(self, call: _Call, **options):
         with self._running(call):
@@ -240,42 +244,31 @@ class NOVAModel:
                                              **_runner_kwargs(options))
         return [_mp4(video, options["fps"]) for video in output.frames]
 
-    async def progress(self, kind: str, options: dict, deadline: float) -> AsyncIterator[dict]:
-        """One runner call reporting {"progress": ...} after every mask step, then {"result": [PNG or MP4 bytes
-        per image or video]}. Closing the stream stops the runner within one mask step (`serve.progress`)."""
+    async def events(self, options: dict, deadline: float, answer: str) -> AsyncIterator[dict]:
+        """One runner call's events as they happen: {"progress": {frames_done, frames, mask_steps_done,
+        mask_steps}} after every mask step, and by `answer`: "png" or "mp4", then {"result": [PNG or MP4 bytes
+        per image or video]} at the end; "windows", {"window": uint8 [B, T_window, H, W, 3]} as soon as each
+        window of frames is decoded (the progress of its frames comes before it). Closing the stream stops the
+        runner within one mask step (`serve.progress`)."""
         caller = _Caller(options, deadline)
-        call, encode = _Call([caller]), _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
+        call, kwargs = _Call([caller]), {"seed": options["seed"], **_runner_kwargs(options)}
 
-        def run(on_step) -> list[bytes]:
-            output = self._call(call, seed=options["seed"], on_step=on_step, **_runner_kwargs(options))
-            return [encode(result) for result in (output.images if kind == "image" else output.frames)]
+        def run(emit: Emit) -> None:
+            def on_step(progress: Progress) -> None:
+                emit(progress_event(progress))
+
+            with self._running(call):
+                if answer == "windows":
+                    for window in self.runner.stream(stop=call.stop, on_step=on_step, **kwargs):
+                        emit({"window": window})
+                    return
+                output = self.runner(stop=call.stop, on_step=on_step, **kwargs)
+            emit({"result": [_png(image) for image in output.images] if answer == "png"
+                  else [_mp4(video, options["fps"]) for video in output.frames]})
 
         with self._held(caller):
-            async for event in with_progress(run, caller.leave):
+            async for event in from_thread(run, caller.leave):
                 yield event
-
-    async def stream_video(self, options: dict, deadline: float) -> AsyncIterator[np.ndarray]:
-        """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists. A worker thread
-        runs the runner's stream to its end, or to its stop once the client has gone."""
-        caller, loop, windows = _Caller(options, deadline), asyncio.get_running_loop(), asyncio.Queue()
-        call = _Call([caller])
-
-        def produce() -> None:
-            try:
-                with self._running(call):
-                    for window in self.runner.stream(seed=options["seed"], stop=call.stop, **_runner_kwargs(options)):
-                        loop.call_soon_threadsafe(windows.put_nowait, window)
-            finally:
-                loop.call_soon_threadsafe(windows.put_nowait, None)
-
-        with self._held(caller):
-            producing = asyncio.ensure_future(asyncio.to_thread(produce))
-            try:
-                while (window := await windows.get()) is not None:
-                    yield window
-                await producing  # raises what stopped the stream early
-            finally:
-                caller.leave()  # a no-op after the end; else (the stream was closed) the producer stops
 
 
 def model_id(folder: str | Path) -> str:
@@ -417,12 +410,9 @@ class Ingress:
                 self._cancelled.inc(tags={"model": model, "reason": "deadline"})
             raise
 
-    async def _generate(self, body: ImageRequest | VideoRequest, kind: str, method: str) -> list[bytes]:
+    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
         """The replica's answer to a request, within the kind's deadline (the replica stops there too; the
         ingress's own wait is one second longer, for a request that never reached a replica)."""
-        return await self._answer(await self._model(body.model, kind), _options(body), kind, method)
-
-    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
         response = getattr(self.models[model], method).remote(options, time.time() + self.deadlines_s[kind])
         async with self._watched(model, kind, response.cancel):
             return await asyncio.wait_for(_awaited(response), self.deadlines_s[kind] + 1)
@@ -454,14 +444,10 @@ class Ingress:
         """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major). stream=true:
         server-sent events, `progress` after every mask step, then `done` with the images (or `error`)."""
         try:
+            model, options = await self._model(body.model, "image"), _options(body)
             if stream:
-                model = await self._model(body.model, "image")
-                events = self.models[model].options(stream=True).progress.remote(
-                    "image", body.model_dump(), time.time() + self.deadlines_s["image"])
-                async with self._watched(model, "image", events.cancel):  # a refusal comes first: a status
-                    first = await events.__anext__()
-                return StreamingResponse(self._progress_events(model, first, events), media_type="text/event-stream")
-            images = await self._generate(body, "image", "images")
+                return await self._streamed(model, "image", options, "png")
+            images = await self._answer(model, options, "image", "images")
         except Exception as error:  # noqa: BLE001 - sorted by _failure, which re-raises the unknown
             return _failure(error)
         if len(images) == 1:
@@ -471,63 +457,55 @@ class Ingress:
     @api.post("/v1/videos", response_model=None)
     async def videos(self, body: VideoRequest, stream: bool = False) -> Response:
         """One video: video/mp4; several: JSON {"videos": [base64 MP4, ...]}. stream=true: server-sent
-        events, one `window` event per decoded window of frames, then `done` (or `error`)."""
-        if not stream:
-            try:
-                videos = await self._generate(body, "video", "video")
-            except Exception as error:  # noqa: BLE001
-                return _failure(error)
-            if len(videos) == 1:
-                return Response(videos[0], media_type="video/mp4")
-            return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
+        events, `progress` after every mask step and one `window` per decoded window of frames, then `done`
+        (or `error`)."""
         try:
-            model = await self._model(body.model, "video")
-            deadline = time.time() + self.deadlines_s["video"]
-            windows = self.models[model].options(stream=True).stream_video.remote(_options(body), deadline)
-            async with self._watched(model, "video", windows.cancel):  # a refusal comes before any window: a status
-                first = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
+            model, options = await self._model(body.model, "video"), _options(body)
+            if stream:
+                return await self._streamed(model, "video", options, "windows")
+            videos = await self._answer(model, options, "video", "video")
         except Exception as error:  # noqa: BLE001
             return _failure(error)
-        return StreamingResponse(self._events(model, first, windows, deadline), media_type="text/event-stream")
+        if len(videos) == 1:
+            return Response(videos[0], media_type="video/mp4")
+        return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
 
-    async def _events(self, model: str, first: np.ndarray, windows, deadline: float) -> AsyncIterator[bytes]:
-        """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
-        `done` {"frames": total per video}; a deadline passed or a replica lost mid-stream ends it with `error`
+    async def _streamed(self, model: str, kind: str, options: dict, answer: str) -> StreamingResponse:
+        """The replica's `events` stream as server-sent events (`_sse`); a refusal comes before any event, so
+        it is answered with its status instead."""
+        deadline = time.time() + self.deadlines_s[kind]
+        events = self.models[model].options(stream=True).events.remote(options, deadline, answer)
+        async with self._watched(model, kind, events.cancel):
+            first = await asyncio.wait_for(events.__anext__(), deadline + 1 - time.time())
+        return StreamingResponse(self._sse(model, kind, first, events, deadline), media_type="text/event-stream")
+
+    async def _sse(self, model: str, kind: str, first: dict, events, deadline: float) -> AsyncIterator[bytes]:
+        """SSE of a replica's events, in their order: `progress` {frames_done, frames, mask_steps_done,
+        mask_steps} after every mask step; a video's `window` {"index", "start", "shape": [B, T, H, W, 3],
+        "frames": base64 raw uint8} per decoded window, then `done` {"frames": total per video}; images' `done`
+        {"images": [base64 PNG, ...]}. A deadline passed or a replica lost mid-stream ends it with `error`
         {"status", "error"}. A client that closes the stream cancels the replica's generation."""
-        index, start, window = 0, 0, first
-        async with self._watched(model, "video", windows.cancel):
-            while window is not None:
-                yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
-                                        "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
-                index, start = index + 1, start + window.shape[1]
-                try:
-                    window = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
-                except StopAsyncIteration:
-                    window = None
-                except Exception as error:  # noqa: BLE001
-                    response = _failure(error)
-                    yield _event("error", {"status": response.status_code, "error": json.loads(response.body)["error"]})
-                    return
-        yield _event("done", {"frames": start})
-
-    async def _progress_events(self, model: str, first: dict, events) -> AsyncIterator[bytes]:
-        """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
-        mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}.
-        A client that closes the stream cancels the replica's generation."""
-        event = first
-        async with self._watched(model, "image", events.cancel):
+        event, index, start = first, 0, 0
+        async with self._watched(model, kind, events.cancel):
             while event is not None:
                 if "progress" in event:
                     yield _event("progress", event["progress"])
+                elif "window" in event:
+                    window = np.ascontiguousarray(event["window"])
+                    yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
+                                            "frames": base64.b64encode(window.tobytes()).decode()})
+                    index, start = index + 1, start + window.shape[1]
                 else:
                     yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
                 try:
-                    event = await events.__anext__()
+                    event = await asyncio.wait_for(events.__anext__(), deadline + 1 - time.time())
                 except StopAsyncIteration:
                     event = None
                 except Exception as error:  # noqa: BLE001
                     yield _event("error", {"status": _failure(error).status_code, "error": _sentence(error)})
                     return
+        if kind == "video":
+            yield _event("done", {"frames": start})
 
     @api.post("/v1/images/generations", response_model=None)
     async def image_generations(self, body: openai_api.ImageGeneration) -> Response:

@@ -10,12 +10,15 @@ NOVARunner call.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import io
 import json
 import shutil
 import socket
 import time
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
@@ -29,8 +32,11 @@ VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
 # A video job long enough to cancel midway: per-step graphs (the build unrolls 4 diffusion steps), 9 x 64
 # mask steps of 200 diffusion steps each.
 LONG_VIDEO = dict(max_latent_length=9, num_inference_steps=64, num_diffusion_steps=200)
+# The longest image the tiny engines take: a mask step per token (16), each of 1000 diffusion steps (the cap).
+LONG_IMAGE = dict(num_inference_steps=64, num_diffusion_steps=1000)
 TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
 CHROMIUM = "/usr/bin/chromium"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +86,45 @@ def events(response: requests.Response) -> list[tuple[str, dict]]:
             for b in blocks]
 
 
-def poll(server: str, job_id: str, until) -> dict:
-    """The job's state once `until(state)` holds (bounded by TIMEOUT)."""
+def eventually(read: Callable[[], T], until: Callable[[T], bool], what: str) -> T:
+    """`read()` once `until` holds for it, polled (bounded by TIMEOUT)."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        state = requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).json()
-        if until(state):
-            return state
+        value = read()
+        if until(value):
+            return value
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the awaited state: {state}")
+    raise AssertionError(f"{what} never came: {value}")
+
+
+def poll(server: str, job_id: str, until: Callable[[dict], bool]) -> dict:
+    """The job's state once `until(state)` holds (bounded by TIMEOUT)."""
+    return eventually(lambda: requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).json(), until,
+                      f"the awaited state of job {job_id}")
+
+
+def stats(folder: Path) -> dict:
+    """The counts of the model's replica (`NOVAModel.stats`). Asked from a thread of its own: playwright's sync API
+    runs an asyncio loop in the test's thread, where Ray's handles refuse to wait."""
+    from ray import serve
+
+    from serve.app import model_id
+
+    handle = serve.get_deployment_handle(model_id(folder), app_name="nova")
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(lambda: handle.stats.remote().result(timeout_s=TIMEOUT)).result()
+
+
+def stopped(folder: Path, before: dict) -> dict:
+    """The replica's counts once one more of its runner calls has stopped before its end than in `before`: a
+    stopped call has left the runner, which is free for the next request."""
+    return eventually(lambda: stats(folder), lambda now: now["stopped"] > before["stopped"],
+                      f"a stopped runner call of {folder.name}")
+
+
+def window_frames(window: dict) -> np.ndarray:
+    """The frames of a `window` event, uint8 [B, T, H, W, 3]."""
+    return np.frombuffer(base64.b64decode(window["frames"]), np.uint8).reshape(window["shape"])
 
 
 def forget(server: str, job_id: str) -> None:
@@ -141,20 +177,40 @@ def test_image_stream_reports_every_mask_step_then_the_image(server, image_runne
     np.testing.assert_array_equal(pixels(base64.b64decode(received[-1][1]["images"][0])), direct.images[0])
 
 
-def test_leaving_an_image_stream_frees_the_replica(server, image_runner):
-    """A client that goes away after the first progress event (the demo's cancel) stops the runner at its
-    next mask step: the next request does not wait for the hundreds of diffusion launches left."""
-    started = time.monotonic()
-    with post(f"{server}/v1/images?stream=true", {"prompt": "a storm", "seed": 1, "num_inference_steps": 64,
-                                                  "num_diffusion_steps": 1000}, stream=True) as response:
-        lines = response.iter_lines()
-        assert next(lines) == b"event: progress"
-        first = json.loads(next(lines).removeprefix(b"data: "))
-        per_step = time.monotonic() - started  # at most: it also holds the text encoder and the connection
-    left_s = (first["mask_steps"] - 1) * per_step
-    next_started = time.monotonic()
+def test_leaving_an_image_stream_frees_the_replica(server, image_runner, t2i_b4_engines):
+    """A client that goes away after the first progress event stops the runner at its next mask step: its call
+    ends stopped (not finished), and the next request is answered."""
+    before = stats(t2i_b4_engines)
+    with post(f"{server}/v1/images?stream=true", {"prompt": "a storm", "seed": 1, **LONG_IMAGE}, stream=True) as response:
+        assert next(response.iter_lines()) == b"event: progress"
+    stopped(t2i_b4_engines, before)
     answer = post(f"{server}/v1/images", {"prompt": "a kite", "seed": 7, **STEPS})
-    assert answer.status_code == 200 and time.monotonic() - next_started < left_s / 2, (per_step, left_s)
+    assert answer.status_code == 200
+    np.testing.assert_array_equal(pixels(answer.content), image_runner("a kite", seed=7, **STEPS).images[0])
+
+
+def test_video_stream_interleaves_progress_with_its_windows(server, video_runner):
+    """Every mask step's progress, in order, rising to the total; each window right after the progress of its
+    last latent frame (17 frames: 5 latents, then 16 per 4), before any later frame's; the windows' frames are
+    the blocking call's video."""
+    with post(f"{server}/v1/videos?stream=true", {"prompt": "waves on a beach", "seed": 3, **VIDEO},
+              stream=True) as response:
+        received = events(response)
+    steps: list = []
+    direct = video_runner("waves on a beach", seed=3, on_step=steps.append, **VIDEO)
+    progress = [data for name, data in received if name == "progress"]
+    assert progress == [dataclasses.asdict(step) for step in steps]
+    assert [p["mask_steps_done"] for p in progress] == list(range(1, 9 * 4 + 1)) and progress[-1]["frames_done"] == 9
+    windows = []
+    for at, (name, data) in enumerate(received):
+        if name == "window":
+            latents = 1 + (data["start"] + data["shape"][1] - 1) // 4  # the latent frames its pixels need
+            assert received[at - 1] == ("progress", {"frames_done": latents, "frames": 9,
+                                                     "mask_steps_done": latents * 4, "mask_steps": 36})
+            windows.append(window_frames(data))
+    assert [name for name, _ in received if name != "progress"] == ["window", "window", "done"]
+    assert received[-1] == ("done", {"frames": 33})
+    np.testing.assert_array_equal(np.concatenate(windows, axis=1), direct.frames)
 
 
 # -- video jobs ----------------------------------------------------------------------------------------------------
