@@ -35,11 +35,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application, metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 
 from runtime.cancellation import Cancelled, DeadlineExceeded, StopSignal
 from runtime.options import MAX_REQUEST_BYTES
@@ -48,7 +50,7 @@ from serve import defaults, jobs, openai_api
 from serve.errors import Refused
 from serve.progress import Emit, from_thread, progress_event
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
-from serve.uploads import decode_image
+from serve.uploads import decode_image, read_image
 
 DEMO = Path(__file__).with_name("demo")  # the web page served at /
 
@@ -328,15 +330,55 @@ def _sentence(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
 
 
-def _options(body: ImageRequest | VideoRequest) -> dict:
-    """A request's options for the replica, a video's image decoded (a broken one refused here)."""
+def _options(body: ImageRequest | VideoRequest, upload: bytes | None = None) -> dict:
+    """A request's options for the replica, a video's image decoded, from its base64 field or from the bytes of an
+    uploaded file (a broken one refused here; the replica's runner fits either to the model's resolution)."""
     options = body.model_dump()
-    if options.get("image") is not None:
-        try:
+    try:
+        if upload is not None:
+            options["image"] = read_image(upload)
+        elif options.get("image") is not None:
             options["image"] = decode_image(options["image"])
-        except ValueError as error:
-            raise Refused(str(error)) from None
+    except ValueError as error:
+        raise Refused(str(error)) from None
     return options
+
+
+# The body of POST /v1/videos and /v1/videos/jobs, for the OpenAPI page (`_video_request` reads it).
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": VideoRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["request"], "properties": {
+        "request": {"type": "string", "description": "the video request's JSON, without its image field"},
+        "image": {"type": "string", "format": "binary", "description": "the image prompt: a PNG or JPEG file"}}}}}}}
+PARTS = ("request", "image")
+
+
+async def _video_request(request: Request) -> tuple[VideoRequest, dict]:
+    """A video request and its options for the replica. Its body is the request's JSON, or multipart/form-data
+    with a `request` part (the same JSON, as a field or a file) and an optional `image` file part, a PNG or
+    JPEG given as the `image` field would be. A body that is no valid request: `RequestValidationError` (422)."""
+    upload = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        limits = {"max_files": len(PARTS), "max_fields": len(PARTS), "max_part_size": MAX_REQUEST_BYTES}
+        async with request.form(**limits) as form:
+            unknown = sorted(set(form) - set(PARTS))
+            if unknown or "request" not in form:
+                raise Refused(f"a multipart video request has a 'request' part (its JSON) and an optional 'image' "
+                              f"part (a PNG or JPEG file), got {', '.join(map(repr, form)) or 'no parts'}", 422)
+            text, image = form["request"], form.get("image")
+            text = await text.read() if isinstance(text, UploadFile) else text
+            if image is not None and not isinstance(image, UploadFile):
+                raise Refused("the 'image' part must be a file (a PNG or JPEG), not a text field", 422)
+            upload = None if image is None else await image.read()
+    else:
+        text = await request.body()
+    try:
+        body = VideoRequest.model_validate_json(text)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    if upload is not None and body.image is not None:
+        raise Refused("give the image prompt once: as the 'image' part or as the request's image field", 422)
+    return body, _options(body, upload)
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -454,13 +496,14 @@ class Ingress:
             return Response(images[0], media_type="image/png")
         return JSONResponse({"images": [base64.b64encode(image).decode() for image in images]})
 
-    @api.post("/v1/videos", response_model=None)
-    async def videos(self, body: VideoRequest, stream: bool = False) -> Response:
+    @api.post("/v1/videos", response_model=None, openapi_extra=VIDEO_BODY)
+    async def videos(self, request: Request, stream: bool = False) -> Response:
         """One video: video/mp4; several: JSON {"videos": [base64 MP4, ...]}. stream=true: server-sent
         events, `progress` after every mask step and one `window` per decoded window of frames, then `done`
-        (or `error`)."""
+        (or `error`). The body is JSON, or multipart with the image prompt as a file (`_video_request`)."""
         try:
-            model, options = await self._model(body.model, "video"), _options(body)
+            body, options = await _video_request(request)
+            model = await self._model(body.model, "video")
             if stream:
                 return await self._streamed(model, "video", options, "windows")
             videos = await self._answer(model, options, "video", "video")
@@ -517,12 +560,13 @@ class Ingress:
             return _failure(error)
         return JSONResponse(openai_api.images_response(images))
 
-    @api.post("/v1/videos/jobs", response_model=None)
-    async def create_video_job(self, body: VideoRequest) -> Response:
-        """A video job (serve/jobs.py), answered at once with its status."""
+    @api.post("/v1/videos/jobs", response_model=None, openapi_extra=VIDEO_BODY)
+    async def create_video_job(self, request: Request) -> Response:
+        """A video job (serve/jobs.py), answered at once with its status. The body is that of POST /v1/videos."""
         try:
+            body, options = await _video_request(request)
             model = await self._model(body.model, "video")
-            job = self.jobs.submit(model, self.models[model], _options(body))
+            job = self.jobs.submit(model, self.models[model], options)
         except Refused as refusal:
             return _error(refusal.status, str(refusal))
         return JSONResponse(self.jobs.describe(job))

@@ -127,6 +127,14 @@ def window_frames(window: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(window["frames"]), np.uint8).reshape(window["shape"])
 
 
+def jpeg(height: int, width: int) -> bytes:
+    """A JPEG of random pixels."""
+    picture = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 def forget(server: str, job_id: str) -> None:
     """Cancel a job if it is still queued or running (the first DELETE), then delete it (the next)."""
     for _ in range(2):
@@ -278,21 +286,40 @@ def test_jobs_are_bounded_in_number(server):
 # -- image-to-video ------------------------------------------------------------------------------------------------
 
 
-def test_image_to_video_over_http_equals_the_direct_call(server, video_runner, tmp_path):
-    """A 96x48 JPEG: the runner fits it to the model's 64x64 as it fits the same picture given directly."""
-    picture = (np.random.default_rng(0).random((48, 96, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="JPEG")
+def test_image_to_video_over_http_equals_the_direct_call(server, video_runner):
+    """A 96x48 JPEG, as a base64 field and as a multipart file: the runner fits it to the model's 96x64 as it fits
+    the same picture given directly."""
+    picture = jpeg(48, 96)
     options = dict(max_latent_length=3, num_inference_steps=4, num_diffusion_steps=4)
-    body = {"prompt": "a cat walks", "seed": 4, "image": base64.b64encode(buffer.getvalue()).decode(), **options}
-    with post(f"{server}/v1/videos?stream=true", body, stream=True) as response:
+    body = {"prompt": "a cat walks", "seed": 4, **options}
+    direct = video_runner("a cat walks", seed=4, image=np.asarray(Image.open(io.BytesIO(picture))), **options).frames
+    with post(f"{server}/v1/videos?stream=true", {**body, "image": base64.b64encode(picture).decode()},
+              stream=True) as response:
         windows = [data for name, data in events(response) if name == "window"]
-    served = np.frombuffer(base64.b64decode(windows[0]["frames"]), np.uint8).reshape(windows[0]["shape"])
-    direct = video_runner("a cat walks", seed=4, image=np.asarray(Image.open(buffer)), **options).frames
-    np.testing.assert_array_equal(served, direct)
+    np.testing.assert_array_equal(window_frames(windows[0]), direct)
+    with requests.post(f"{server}/v1/videos?stream=true", timeout=TIMEOUT, stream=True,
+                       files={"request": (None, json.dumps(body)), "image": ("cat.jpg", picture, "image/jpeg")}) as response:
+        windows = [data for name, data in events(response) if name == "window"]
+    np.testing.assert_array_equal(window_frames(windows[0]), direct)
     broken = post(f"{server}/v1/videos", {**body, "image": "bm90IGEgcGljdHVyZQ=="})
-    assert broken.status_code == 400 and broken.json()["error"] == (
-        "image must be a base64 PNG or JPEG, and its bytes are neither")
+    assert broken.status_code == 400 and broken.json()["error"] == "image must be a PNG or JPEG, and its bytes are neither"
+
+
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/videos/jobs"])
+@pytest.mark.parametrize("parts, status, message", [
+    ({"request": (None, '{"prompt": "a cat"}'), "image": ("notes.txt", b"not a picture", "text/plain")}, 400,
+     "image must be a PNG or JPEG, and its bytes are neither"),
+    ({"request": (None, '{"prompt": "a cat"}'), "image": (None, "iVBORw0KGgo=")}, 422,
+     "the 'image' part must be a file (a PNG or JPEG), not a text field"),
+    ({"image": ("cat.jpg", b"", "image/jpeg")}, 422, "a multipart video request has a 'request' part (its JSON)"),
+    ({"request": (None, '{"prompt": "a cat", "image": "iVBORw0KGgo="}'), "image": ("cat.jpg", b"", "image/jpeg")},
+     422, "give the image prompt once: as the 'image' part or as the request's image field"),
+    ({"request": (None, '{"prompt": "a cat", "colour": 1}')}, 422, "colour: Extra inputs are not permitted (unknown field)"),
+])
+def test_multipart_refusals_are_one_sentence(server, path, parts, status, message):
+    response = requests.post(f"{server}{path}", files=parts, timeout=TIMEOUT)
+    assert response.status_code == status and list(response.json()) == ["error"], response.text
+    assert message in response.json()["error"]
 
 
 # -- the web demo in a real browser --------------------------------------------------------------------------------
