@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import io
 import json
+import os
 import shutil
 import socket
 import time
@@ -36,6 +37,8 @@ LONG_VIDEO = dict(max_latent_length=9, num_inference_steps=64, num_diffusion_ste
 LONG_IMAGE = dict(num_inference_steps=64, num_diffusion_steps=1000)
 TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
 CHROMIUM = "/usr/bin/chromium"
+# NOVA_SCREENSHOTS=serve/demo: the browser tests save the screenshots of serve/README.md there
+SCREENSHOTS = os.environ.get("NOVA_SCREENSHOTS")
 T = TypeVar("T")
 
 
@@ -340,30 +343,115 @@ def page(server):
         browser.close()
 
 
+def shown(page) -> dict:
+    """What the video tab shows now, read at one instant: frames received and shown so far, the index of the frame
+    on the (first) canvas and its RGB pixels, and the progress bar's value and maximum."""
+    state = page.evaluate("""() => {
+        const results = document.getElementById("video-results"), canvas = results.querySelector("canvas");
+        const bar = document.getElementById("video-progress");
+        const image = canvas && canvas.dataset.frame !== undefined
+            ? canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height) : null;
+        return {received: Number(results.dataset.received), shown: Number(results.dataset.shown),
+                frame: image && Number(canvas.dataset.frame), progress: bar.value, total: bar.max,
+                size: image && [image.height, image.width], pixels: image && Array.from(image.data)}; }""")
+    if state["pixels"] is not None:
+        state["pixels"] = np.array(state["pixels"], np.uint8).reshape(*state["size"], 4)[..., :3]
+    return state
+
+
+def wait(page, condition: str) -> None:
+    """Until the JavaScript expression `condition` holds in the page (polled every 100 ms, not at every animation
+    frame: the browser shares the 2 cores with the replicas; bounded by TIMEOUT)."""
+    page.wait_for_function(condition, polling=100, timeout=TIMEOUT * 1000)
+
+
+def screenshot(page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+
+
 def test_demo_generates_the_direct_calls_image(page, image_runner):
+    page.click("#tab-image")
     page.fill("#image-prompt", "a watercolor fox")
     page.fill("#image-seed", "11")
     page.fill("#image-mask-steps", "8")
     page.fill("#image-diffusion-steps", "4")
     page.click("#image-generate")
-    shown = page.wait_for_selector("#image-results img", timeout=TIMEOUT * 1000)
-    png = base64.b64decode(shown.get_attribute("src").removeprefix("data:image/png;base64,"))
+    shown_image = page.wait_for_selector("#image-results img", timeout=TIMEOUT * 1000)
+    png = base64.b64decode(shown_image.get_attribute("src").removeprefix("data:image/png;base64,"))
     np.testing.assert_array_equal(pixels(png), image_runner("a watercolor fox", seed=11, **STEPS).images[0])
     assert page.text_content("#image-status") == "done: 1 image(s), seed 11"
+    screenshot(page, "text-to-image")
     page.fill("#image-mask-steps", "2")  # below the build's minimum: the runner's sentence is shown
     page.click("#image-generate")
     page.wait_for_selector("#image-status.refused", timeout=TIMEOUT * 1000)
     assert "num_inference_steps" in page.text_content("#image-status")
 
 
-def test_demo_cancels_a_video_midway(page):
+def test_demo_cancels_an_image_midway(page, t2i_b4_engines):
+    """Cancel after the first progress closes the stream: the replica's runner call ends stopped, and the next
+    image is answered."""
+    page.click("#tab-image")
+    page.fill("#image-prompt", "a storm")
+    page.fill("#image-mask-steps", str(LONG_IMAGE["num_inference_steps"]))
+    page.fill("#image-diffusion-steps", str(LONG_IMAGE["num_diffusion_steps"]))
+    before = stats(t2i_b4_engines)
+    page.click("#image-generate")
+    wait(page, "document.getElementById('image-progress').value >= 1")
+    page.click("#image-cancel")
+    wait(page, "document.getElementById('image-status').textContent === 'cancelled'")
+    stopped(t2i_b4_engines, before)
+    assert page.eval_on_selector("#image-results", "results => results.children.length") == 0
+    page.fill("#image-mask-steps", "8")
+    page.fill("#image-diffusion-steps", "4")
+    page.click("#image-generate")
+    wait(page, "document.getElementById('image-status').textContent.startsWith('done')")
+
+
+def fill_video(page, prompt: str, **fields: int) -> None:
     page.click("#tab-video")
-    page.fill("#video-prompt", "a storm at sea")
-    for field, value in (("latents", 9), ("mask-steps", 64), ("diffusion-steps", 200)):
-        page.fill(f"#video-{field}", str(value))
+    page.fill("#video-prompt", prompt)
+    page.fill("#video-seed", "0")
+    for field, value in fields.items():
+        page.fill(f"#video-{field.replace('_', '-')}", str(value))
+
+
+def test_demo_plays_the_video_as_it_streams_and_cancels_midway(page, t2v_engines, server):
+    """The first window's frames play on the canvas while later latent frames are still being generated (that
+    they are the runner's pixels: the next test); cancel then closes the stream: the replica's runner call ends
+    stopped, and the next video is answered."""
+    # a mask step per token (24) at the built diffusion count: the first window comes after 5 latent frames, and the
+    # other 4 and their window take about as long again, in which the page shows frames and the cancel lands
+    fill_video(page, "a storm at sea", latents=9, mask_steps=24, diffusion_steps=4)
+    before = stats(t2v_engines)
     page.click("#video-generate")
-    page.wait_for_function("document.getElementById('video-progress').value >= 1", timeout=TIMEOUT * 1000)
+    wait(page, "Number(document.getElementById('video-results').dataset.shown) >= 1")
+    now = shown(page)
+    counts = {key: now[key] for key in ("received", "shown", "progress", "total")}
+    assert now["received"] == 17 and now["shown"] >= 1 and now["progress"] < now["total"], counts
     page.click("#video-cancel")
-    page.wait_for_function("document.getElementById('video-status').textContent === 'cancelled'",
-                           timeout=TIMEOUT * 1000)
-    assert page.eval_on_selector("#video-progress", "bar => bar.value") < 9 * 64
+    wait(page, "document.getElementById('video-status').textContent === 'cancelled'")
+    stopped(t2v_engines, before)
+    assert shown(page)["progress"] < now["total"]
+    short = dict(max_latent_length=1, num_inference_steps=4, num_diffusion_steps=4)
+    assert post(f"{server}/v1/videos", {"prompt": "waves", "seed": 4, **short}).status_code == 200
+
+
+def test_demo_sends_the_image_prompt_as_a_file(page, video_runner, tmp_path):
+    """The image prompt goes as a multipart file part; the canvas plays the direct call's frames."""
+    (tmp_path / "cat.jpg").write_bytes(jpeg(48, 96))
+    fill_video(page, "a cat walks", latents=3, mask_steps=4, diffusion_steps=4)
+    page.set_input_files("#video-image", str(tmp_path / "cat.jpg"))
+    with page.expect_request("**/v1/videos?stream=true") as sent:
+        page.click("#video-generate")
+    assert sent.value.headers["content-type"].startswith("multipart/form-data")
+    wait(page, "document.getElementById('video-status').textContent.startsWith('done')")
+    assert page.text_content("#video-status") == "done: 9 frame(s), seed 0"
+    now = shown(page)
+    direct = video_runner("a cat walks", seed=0, image=np.asarray(Image.open(tmp_path / "cat.jpg")),
+                          guidance_scale=5.0, motion_flow=5.0, max_latent_length=3, num_inference_steps=4,
+                          num_diffusion_steps=4).frames
+    assert now["received"] == 9
+    np.testing.assert_array_equal(now["pixels"], direct[0, now["frame"]])
+    screenshot(page, "text-to-video")
+    page.set_input_files("#video-image", [])
