@@ -192,7 +192,8 @@ def test_leaving_an_image_stream_frees_the_replica(server, image_runner, t2i_b4_
     """A client that goes away after the first progress event stops the runner at its next mask step: its call
     ends stopped (not finished), and the next request is answered."""
     before = stats(t2i_b4_engines)
-    with post(f"{server}/v1/images?stream=true", {"prompt": "a storm", "seed": 1, **LONG_IMAGE}, stream=True) as response:
+    body = {"prompt": "a storm", "seed": 1, **LONG_IMAGE}
+    with post(f"{server}/v1/images?stream=true", body, stream=True) as response:
         assert next(response.iter_lines()) == b"event: progress"
     stopped(t2i_b4_engines, before)
     answer = post(f"{server}/v1/images", {"prompt": "a kite", "seed": 7, **STEPS})
@@ -300,12 +301,13 @@ def test_image_to_video_over_http_equals_the_direct_call(server, video_runner):
               stream=True) as response:
         windows = [data for name, data in events(response) if name == "window"]
     np.testing.assert_array_equal(window_frames(windows[0]), direct)
-    with requests.post(f"{server}/v1/videos?stream=true", timeout=TIMEOUT, stream=True,
-                       files={"request": (None, json.dumps(body)), "image": ("cat.jpg", picture, "image/jpeg")}) as response:
+    parts = {"request": (None, json.dumps(body)), "image": ("cat.jpg", picture, "image/jpeg")}
+    with requests.post(f"{server}/v1/videos?stream=true", files=parts, timeout=TIMEOUT, stream=True) as response:
         windows = [data for name, data in events(response) if name == "window"]
     np.testing.assert_array_equal(window_frames(windows[0]), direct)
     broken = post(f"{server}/v1/videos", {**body, "image": "bm90IGEgcGljdHVyZQ=="})
-    assert broken.status_code == 400 and broken.json()["error"] == "image must be a PNG or JPEG, and its bytes are neither"
+    assert broken.status_code == 400
+    assert broken.json()["error"] == "image must be a PNG or JPEG, and its bytes are neither"
 
 
 @pytest.mark.parametrize("path", ["/v1/videos", "/v1/videos/jobs"])
@@ -317,7 +319,8 @@ def test_image_to_video_over_http_equals_the_direct_call(server, video_runner):
     ({"image": ("cat.jpg", b"", "image/jpeg")}, 422, "a multipart video request has a 'request' part (its JSON)"),
     ({"request": (None, '{"prompt": "a cat", "image": "iVBORw0KGgo="}'), "image": ("cat.jpg", b"", "image/jpeg")},
      422, "give the image prompt once: as the 'image' part or as the request's image field"),
-    ({"request": (None, '{"prompt": "a cat", "colour": 1}')}, 422, "colour: Extra inputs are not permitted (unknown field)"),
+    ({"request": (None, '{"prompt": "a cat", "colour": 1}')}, 422,
+     "colour: Extra inputs are not permitted (unknown field)"),
 ])
 def test_multipart_refusals_are_one_sentence(server, path, parts, status, message):
     response = requests.post(f"{server}{path}", files=parts, timeout=TIMEOUT)
