@@ -20,7 +20,6 @@ does not cost the others their images.
 import asyncio
 import base64
 import contextlib
-import functools
 import io
 import json
 import math
@@ -36,19 +35,22 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application, metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 
-from runtime.cancellation import DeadlineExceeded, StopSignal
+from runtime.cancellation import Cancelled, DeadlineExceeded, StopSignal
 from runtime.options import MAX_REQUEST_BYTES
+from runtime.runner import Progress
 from serve import defaults, jobs, openai_api
 from serve.errors import Refused
-from serve.progress import with_progress
+from serve.progress import Emit, from_thread, progress_event
 from serve.schema import RUNNER_OPTIONS, ImageRequest, VideoRequest
-from serve.uploads import decode_image
+from serve.uploads import decode_image, read_image
 
 DEMO = Path(__file__).with_name("demo")  # the web page served at /
 
@@ -127,7 +129,7 @@ class NOVAModel:
 
         self.folder = Path(folder)
         self.runner = NOVARunner.from_engines(self.folder, backend=backend, device=device)
-        self.counts = {"requests": 0, "runner_calls": 0, "waiting": 0}
+        self.counts = {"requests": 0, "runner_calls": 0, "stopped": 0, "waiting": 0}
         self._counting = threading.Lock()  # counted in the event loop and in worker threads
         self._turn = threading.Lock()  # one runner call at a time: the others wait here, counted as waiting
         self._queue_depth = metrics.Gauge("nova_queue_depth", "requests a replica holds that wait for the runner",
@@ -146,8 +148,9 @@ class NOVAModel:
                 "min_mask_steps": self.runner.build.min_mask_steps, "max_latent_length": g.max_latent_length}
 
     def stats(self) -> dict[str, int]:
-        """This replica's counts since it started (requests served, runner calls made), the requests waiting
-        for the runner now, and its process id (benchmarks/serve.py follows its memory)."""
+        """This replica's counts since it started (requests served, runner calls made, runner calls stopped before
+        their end: their clients gone or their deadline passed), the requests waiting for the runner now, and its
+        process id (benchmarks/serve.py follows its memory)."""
         with self._counting:
             return {**self.counts, "pid": os.getpid()}
 
@@ -180,7 +183,7 @@ class NOVAModel:
 
     @contextlib.contextmanager
     def _running(self, call: _Call):
-        """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`."""
+        """The runner's turn for `call` (in a worker thread); a refusal becomes `Refused`, a stop is counted."""
         with self._turn:
             self._wait(call.callers, False)
             call.stop.check()  # its clients left, or its deadline passed, while it waited: no work at all
@@ -189,6 +192,9 @@ class NOVAModel:
                 yield
             except ValueError as error:
                 raise Refused(str(error)) from None
+            except Cancelled:
+                self._count("stopped")
+                raise
 
     def _call(self, call: _Call, **options):
         with self._running(call):
@@ -240,42 +246,31 @@ class NOVAModel:
                                              **_runner_kwargs(options))
         return [_mp4(video, options["fps"]) for video in output.frames]
 
-    async def progress(self, kind: str, options: dict, deadline: float) -> AsyncIterator[dict]:
-        """One runner call reporting {"progress": ...} after every mask step, then {"result": [PNG or MP4 bytes
-        per image or video]}. Closing the stream stops the runner within one mask step (`serve.progress`)."""
+    async def events(self, options: dict, deadline: float, answer: str) -> AsyncIterator[dict]:
+        """One runner call's events as they happen: {"progress": {frames_done, frames, mask_steps_done,
+        mask_steps}} after every mask step, and by `answer`: "png" or "mp4", then {"result": [PNG or MP4 bytes
+        per image or video]} at the end; "windows", {"window": uint8 [B, T_window, H, W, 3]} as soon as each
+        window of frames is decoded (the progress of its frames comes before it). Closing the stream stops the
+        runner within one mask step (`serve.progress`)."""
         caller = _Caller(options, deadline)
-        call, encode = _Call([caller]), _png if kind == "image" else functools.partial(_mp4, fps=options["fps"])
+        call, kwargs = _Call([caller]), {"seed": options["seed"], **_runner_kwargs(options)}
 
-        def run(on_step) -> list[bytes]:
-            output = self._call(call, seed=options["seed"], on_step=on_step, **_runner_kwargs(options))
-            return [encode(result) for result in (output.images if kind == "image" else output.frames)]
+        def run(emit: Emit) -> None:
+            def on_step(progress: Progress) -> None:
+                emit(progress_event(progress))
+
+            with self._running(call):
+                if answer == "windows":
+                    for window in self.runner.stream(stop=call.stop, on_step=on_step, **kwargs):
+                        emit({"window": window})
+                    return
+                output = self.runner(stop=call.stop, on_step=on_step, **kwargs)
+            emit({"result": [_png(image) for image in output.images] if answer == "png"
+                  else [_mp4(video, options["fps"]) for video in output.frames]})
 
         with self._held(caller):
-            async for event in with_progress(run, caller.leave):
+            async for event in from_thread(run, caller.leave):
                 yield event
-
-    async def stream_video(self, options: dict, deadline: float) -> AsyncIterator[np.ndarray]:
-        """Each decoded window of frames, uint8 [B, T_window, H, W, 3], as soon as it exists. A worker thread
-        runs the runner's stream to its end, or to its stop once the client has gone."""
-        caller, loop, windows = _Caller(options, deadline), asyncio.get_running_loop(), asyncio.Queue()
-        call = _Call([caller])
-
-        def produce() -> None:
-            try:
-                with self._running(call):
-                    for window in self.runner.stream(seed=options["seed"], stop=call.stop, **_runner_kwargs(options)):
-                        loop.call_soon_threadsafe(windows.put_nowait, window)
-            finally:
-                loop.call_soon_threadsafe(windows.put_nowait, None)
-
-        with self._held(caller):
-            producing = asyncio.ensure_future(asyncio.to_thread(produce))
-            try:
-                while (window := await windows.get()) is not None:
-                    yield window
-                await producing  # raises what stopped the stream early
-            finally:
-                caller.leave()  # a no-op after the end; else (the stream was closed) the producer stops
 
 
 def model_id(folder: str | Path) -> str:
@@ -335,15 +330,55 @@ def _sentence(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
 
 
-def _options(body: ImageRequest | VideoRequest) -> dict:
-    """A request's options for the replica, a video's image decoded (a broken one refused here)."""
+def _options(body: ImageRequest | VideoRequest, upload: bytes | None = None) -> dict:
+    """A request's options for the replica, a video's image decoded, from its base64 field or from the bytes of an
+    uploaded file (a broken one refused here; the replica's runner fits either to the model's resolution)."""
     options = body.model_dump()
-    if options.get("image") is not None:
-        try:
+    try:
+        if upload is not None:
+            options["image"] = read_image(upload)
+        elif options.get("image") is not None:
             options["image"] = decode_image(options["image"])
-        except ValueError as error:
-            raise Refused(str(error)) from None
+    except ValueError as error:
+        raise Refused(str(error)) from None
     return options
+
+
+# The body of POST /v1/videos and /v1/videos/jobs, for the OpenAPI page (`_video_request` reads it).
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": VideoRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["request"], "properties": {
+        "request": {"type": "string", "description": "the video request's JSON, without its image field"},
+        "image": {"type": "string", "format": "binary", "description": "the image prompt: a PNG or JPEG file"}}}}}}}
+PARTS = ("request", "image")
+
+
+async def _video_request(request: Request) -> tuple[VideoRequest, dict]:
+    """A video request and its options for the replica. Its body is the request's JSON, or multipart/form-data
+    with a `request` part (the same JSON, as a field or a file) and an optional `image` file part, a PNG or
+    JPEG given as the `image` field would be. A body that is no valid request: `RequestValidationError` (422)."""
+    upload = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        limits = {"max_files": len(PARTS), "max_fields": len(PARTS), "max_part_size": MAX_REQUEST_BYTES}
+        async with request.form(**limits) as form:
+            unknown = sorted(set(form) - set(PARTS))
+            if unknown or "request" not in form:
+                raise Refused(f"a multipart video request has a 'request' part (its JSON) and an optional 'image' "
+                              f"part (a PNG or JPEG file), got {', '.join(map(repr, form)) or 'no parts'}", 422)
+            text, image = form["request"], form.get("image")
+            text = await text.read() if isinstance(text, UploadFile) else text
+            if image is not None and not isinstance(image, UploadFile):
+                raise Refused("the 'image' part must be a file (a PNG or JPEG), not a text field", 422)
+            upload = None if image is None else await image.read()
+    else:
+        text = await request.body()
+    try:
+        body = VideoRequest.model_validate_json(text)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    if upload is not None and body.image is not None:
+        raise Refused("give the image prompt once: as the 'image' part or as the request's image field", 422)
+    return body, _options(body, upload)
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -417,12 +452,9 @@ class Ingress:
                 self._cancelled.inc(tags={"model": model, "reason": "deadline"})
             raise
 
-    async def _generate(self, body: ImageRequest | VideoRequest, kind: str, method: str) -> list[bytes]:
+    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
         """The replica's answer to a request, within the kind's deadline (the replica stops there too; the
         ingress's own wait is one second longer, for a request that never reached a replica)."""
-        return await self._answer(await self._model(body.model, kind), _options(body), kind, method)
-
-    async def _answer(self, model: str, options: dict, kind: str, method: str) -> list[bytes]:
         response = getattr(self.models[model], method).remote(options, time.time() + self.deadlines_s[kind])
         async with self._watched(model, kind, response.cancel):
             return await asyncio.wait_for(_awaited(response), self.deadlines_s[kind] + 1)
@@ -454,80 +486,69 @@ class Ingress:
         """One image: image/png. Several: JSON {"images": [base64 PNG, ...]} (prompt-major). stream=true:
         server-sent events, `progress` after every mask step, then `done` with the images (or `error`)."""
         try:
+            model, options = await self._model(body.model, "image"), _options(body)
             if stream:
-                model = await self._model(body.model, "image")
-                events = self.models[model].options(stream=True).progress.remote(
-                    "image", body.model_dump(), time.time() + self.deadlines_s["image"])
-                async with self._watched(model, "image", events.cancel):  # a refusal comes first: a status
-                    first = await events.__anext__()
-                return StreamingResponse(self._progress_events(model, first, events), media_type="text/event-stream")
-            images = await self._generate(body, "image", "images")
+                return await self._streamed(model, "image", options, "png")
+            images = await self._answer(model, options, "image", "images")
         except Exception as error:  # noqa: BLE001 - sorted by _failure, which re-raises the unknown
             return _failure(error)
         if len(images) == 1:
             return Response(images[0], media_type="image/png")
         return JSONResponse({"images": [base64.b64encode(image).decode() for image in images]})
 
-    @api.post("/v1/videos", response_model=None)
-    async def videos(self, body: VideoRequest, stream: bool = False) -> Response:
+    @api.post("/v1/videos", response_model=None, openapi_extra=VIDEO_BODY)
+    async def videos(self, request: Request, stream: bool = False) -> Response:
         """One video: video/mp4; several: JSON {"videos": [base64 MP4, ...]}. stream=true: server-sent
-        events, one `window` event per decoded window of frames, then `done` (or `error`)."""
-        if not stream:
-            try:
-                videos = await self._generate(body, "video", "video")
-            except Exception as error:  # noqa: BLE001
-                return _failure(error)
-            if len(videos) == 1:
-                return Response(videos[0], media_type="video/mp4")
-            return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
+        events, `progress` after every mask step and one `window` per decoded window of frames, then `done`
+        (or `error`). The body is JSON, or multipart with the image prompt as a file (`_video_request`)."""
         try:
+            body, options = await _video_request(request)
             model = await self._model(body.model, "video")
-            deadline = time.time() + self.deadlines_s["video"]
-            windows = self.models[model].options(stream=True).stream_video.remote(_options(body), deadline)
-            async with self._watched(model, "video", windows.cancel):  # a refusal comes before any window: a status
-                first = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
+            if stream:
+                return await self._streamed(model, "video", options, "windows")
+            videos = await self._answer(model, options, "video", "video")
         except Exception as error:  # noqa: BLE001
             return _failure(error)
-        return StreamingResponse(self._events(model, first, windows, deadline), media_type="text/event-stream")
+        if len(videos) == 1:
+            return Response(videos[0], media_type="video/mp4")
+        return JSONResponse({"videos": [base64.b64encode(video).decode() for video in videos]})
 
-    async def _events(self, model: str, first: np.ndarray, windows, deadline: float) -> AsyncIterator[bytes]:
-        """SSE: `window` events {"index", "start", "shape": [B, T, H, W, 3], "frames": base64 raw uint8}, then
-        `done` {"frames": total per video}; a deadline passed or a replica lost mid-stream ends it with `error`
+    async def _streamed(self, model: str, kind: str, options: dict, answer: str) -> StreamingResponse:
+        """The replica's `events` stream as server-sent events (`_sse`); a refusal comes before any event, so
+        it is answered with its status instead."""
+        deadline = time.time() + self.deadlines_s[kind]
+        events = self.models[model].options(stream=True).events.remote(options, deadline, answer)
+        async with self._watched(model, kind, events.cancel):
+            first = await asyncio.wait_for(events.__anext__(), deadline + 1 - time.time())
+        return StreamingResponse(self._sse(model, kind, first, events, deadline), media_type="text/event-stream")
+
+    async def _sse(self, model: str, kind: str, first: dict, events, deadline: float) -> AsyncIterator[bytes]:
+        """SSE of a replica's events, in their order: `progress` {frames_done, frames, mask_steps_done,
+        mask_steps} after every mask step; a video's `window` {"index", "start", "shape": [B, T, H, W, 3],
+        "frames": base64 raw uint8} per decoded window, then `done` {"frames": total per video}; images' `done`
+        {"images": [base64 PNG, ...]}. A deadline passed or a replica lost mid-stream ends it with `error`
         {"status", "error"}. A client that closes the stream cancels the replica's generation."""
-        index, start, window = 0, 0, first
-        async with self._watched(model, "video", windows.cancel):
-            while window is not None:
-                yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
-                                        "frames": base64.b64encode(np.ascontiguousarray(window).tobytes()).decode()})
-                index, start = index + 1, start + window.shape[1]
-                try:
-                    window = await asyncio.wait_for(windows.__anext__(), deadline + 1 - time.time())
-                except StopAsyncIteration:
-                    window = None
-                except Exception as error:  # noqa: BLE001
-                    response = _failure(error)
-                    yield _event("error", {"status": response.status_code, "error": json.loads(response.body)["error"]})
-                    return
-        yield _event("done", {"frames": start})
-
-    async def _progress_events(self, model: str, first: dict, events) -> AsyncIterator[bytes]:
-        """SSE of a replica's `progress` stream: a `progress` event after every mask step ({frames_done, frames,
-        mask_steps_done, mask_steps}), then `done` {"images": [base64 PNG, ...]}, or `error` {"status", "error"}.
-        A client that closes the stream cancels the replica's generation."""
-        event = first
-        async with self._watched(model, "image", events.cancel):
+        event, index, start = first, 0, 0
+        async with self._watched(model, kind, events.cancel):
             while event is not None:
                 if "progress" in event:
                     yield _event("progress", event["progress"])
+                elif "window" in event:
+                    window = np.ascontiguousarray(event["window"])
+                    yield _event("window", {"index": index, "start": start, "shape": list(window.shape),
+                                            "frames": base64.b64encode(window.tobytes()).decode()})
+                    index, start = index + 1, start + window.shape[1]
                 else:
                     yield _event("done", {"images": [base64.b64encode(png).decode() for png in event["result"]]})
                 try:
-                    event = await events.__anext__()
+                    event = await asyncio.wait_for(events.__anext__(), deadline + 1 - time.time())
                 except StopAsyncIteration:
                     event = None
                 except Exception as error:  # noqa: BLE001
                     yield _event("error", {"status": _failure(error).status_code, "error": _sentence(error)})
                     return
+        if kind == "video":
+            yield _event("done", {"frames": start})
 
     @api.post("/v1/images/generations", response_model=None)
     async def image_generations(self, body: openai_api.ImageGeneration) -> Response:
@@ -539,12 +560,13 @@ class Ingress:
             return _failure(error)
         return JSONResponse(openai_api.images_response(images))
 
-    @api.post("/v1/videos/jobs", response_model=None)
-    async def create_video_job(self, body: VideoRequest) -> Response:
-        """A video job (serve/jobs.py), answered at once with its status."""
+    @api.post("/v1/videos/jobs", response_model=None, openapi_extra=VIDEO_BODY)
+    async def create_video_job(self, request: Request) -> Response:
+        """A video job (serve/jobs.py), answered at once with its status. The body is that of POST /v1/videos."""
         try:
+            body, options = await _video_request(request)
             model = await self._model(body.model, "video")
-            job = self.jobs.submit(model, self.models[model], _options(body))
+            job = self.jobs.submit(model, self.models[model], options)
         except Refused as refusal:
             return _error(refusal.status, str(refusal))
         return JSONResponse(self.jobs.describe(job))

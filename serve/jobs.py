@@ -98,7 +98,7 @@ class Jobs:
             async with running:
                 job.status, job.started_at = "running", time.time()
                 deadline = time.time() + self.deadline_s
-                stream = handle.options(stream=True).progress.remote("video", job.options, deadline)
+                stream = handle.options(stream=True).events.remote(job.options, deadline, "mp4")
                 try:
                     async for event in stream:
                         if "progress" in event:

@@ -1,7 +1,8 @@
-"""A runner call that reports its progress: run in a worker thread, each mask step's `runtime.runner.Progress`
-handed to the event loop as it happens, the result last. Closing the stream before the result (a cancelled
-video job, a client gone from an image stream: Ray Serve cancels the replica's generator) calls `leave`,
-which sets the call's stop signal, so the runner stops within one mask step and is free for the next request."""
+"""A runner call whose events reach the event loop as they happen: the call runs in a worker thread and hands
+each event (a mask step's `runtime.runner.Progress`, a decoded video window, the result) to the loop in the
+order it made them. Closing the stream before the call ends (a cancelled video job, a client gone from a
+stream: Ray Serve closes the replica's generator) calls `leave`, which sets the call's stop signal, so the
+runner stops within one mask step and is free for the next request."""
 
 from __future__ import annotations
 
@@ -11,21 +12,26 @@ from typing import Any, AsyncIterator, Callable
 
 from runtime.runner import Progress
 
+Emit = Callable[[dict], None]
 _END = object()
 
 
-async def with_progress(call: Callable[[Callable[[Progress], None]], Any], leave: Callable[[], None]
-                        ) -> AsyncIterator[dict]:
-    """`call(on_step)` in a worker thread. Yields {"progress": {frames_done, frames, mask_steps_done,
-    mask_steps}} after every mask step, then {"result": what call returned}; re-raises what call raised."""
+def progress_event(progress: Progress) -> dict:
+    """A mask step's report as an event: {"progress": {frames_done, frames, mask_steps_done, mask_steps}}."""
+    return {"progress": dataclasses.asdict(progress)}
+
+
+async def from_thread(work: Callable[[Emit], Any], leave: Callable[[], None]) -> AsyncIterator[dict]:
+    """`work(emit)` in a worker thread; yields every event it emits, in order, as soon as it is emitted, and
+    re-raises what work raised once the events before it are yielded."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-    def report(progress: Progress) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, {"progress": dataclasses.asdict(progress)})
+    def emit(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
-    def run() -> Any:
+    def run() -> None:
         try:
-            return call(report)
+            work(emit)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, _END)
 
@@ -34,6 +40,6 @@ async def with_progress(call: Callable[[Callable[[Progress], None]], Any], leave
     try:
         while (event := await events.get()) is not _END:
             yield event
-        yield {"result": await running}
+        await running  # raises what stopped the call
     finally:
         leave()  # a no-op once the call has returned; else the stream was closed early: stop the runner

@@ -10,12 +10,16 @@ NOVARunner call.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import io
 import json
+import os
 import shutil
 import socket
 import time
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
@@ -29,8 +33,13 @@ VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
 # A video job long enough to cancel midway: per-step graphs (the build unrolls 4 diffusion steps), 9 x 64
 # mask steps of 200 diffusion steps each.
 LONG_VIDEO = dict(max_latent_length=9, num_inference_steps=64, num_diffusion_steps=200)
+# The longest image the tiny engines take: a mask step per token (16), each of 1000 diffusion steps (the cap).
+LONG_IMAGE = dict(num_inference_steps=64, num_diffusion_steps=1000)
 TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
 CHROMIUM = "/usr/bin/chromium"
+# NOVA_SCREENSHOTS=serve/demo: the browser tests save the screenshots of serve/README.md there
+SCREENSHOTS = os.environ.get("NOVA_SCREENSHOTS")
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +89,53 @@ def events(response: requests.Response) -> list[tuple[str, dict]]:
             for b in blocks]
 
 
-def poll(server: str, job_id: str, until) -> dict:
-    """The job's state once `until(state)` holds (bounded by TIMEOUT)."""
+def eventually(read: Callable[[], T], until: Callable[[T], bool], what: str) -> T:
+    """`read()` once `until` holds for it, polled (bounded by TIMEOUT)."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        state = requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).json()
-        if until(state):
-            return state
+        value = read()
+        if until(value):
+            return value
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the awaited state: {state}")
+    raise AssertionError(f"{what} never came: {value}")
+
+
+def poll(server: str, job_id: str, until: Callable[[dict], bool]) -> dict:
+    """The job's state once `until(state)` holds (bounded by TIMEOUT)."""
+    return eventually(lambda: requests.get(f"{server}/v1/videos/jobs/{job_id}", timeout=TIMEOUT).json(), until,
+                      f"the awaited state of job {job_id}")
+
+
+def stats(folder: Path) -> dict:
+    """The counts of the model's replica (`NOVAModel.stats`). Asked from a thread of its own: playwright's sync API
+    runs an asyncio loop in the test's thread, where Ray's handles refuse to wait."""
+    from ray import serve
+
+    from serve.app import model_id
+
+    handle = serve.get_deployment_handle(model_id(folder), app_name="nova")
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(lambda: handle.stats.remote().result(timeout_s=TIMEOUT)).result()
+
+
+def stopped(folder: Path, before: dict) -> dict:
+    """The replica's counts once one more of its runner calls has stopped before its end than in `before`: a
+    stopped call has left the runner, which is free for the next request."""
+    return eventually(lambda: stats(folder), lambda now: now["stopped"] > before["stopped"],
+                      f"a stopped runner call of {folder.name}")
+
+
+def window_frames(window: dict) -> np.ndarray:
+    """The frames of a `window` event, uint8 [B, T, H, W, 3]."""
+    return np.frombuffer(base64.b64decode(window["frames"]), np.uint8).reshape(window["shape"])
+
+
+def jpeg(height: int, width: int) -> bytes:
+    """A JPEG of random pixels."""
+    picture = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def forget(server: str, job_id: str) -> None:
@@ -141,20 +188,41 @@ def test_image_stream_reports_every_mask_step_then_the_image(server, image_runne
     np.testing.assert_array_equal(pixels(base64.b64decode(received[-1][1]["images"][0])), direct.images[0])
 
 
-def test_leaving_an_image_stream_frees_the_replica(server, image_runner):
-    """A client that goes away after the first progress event (the demo's cancel) stops the runner at its
-    next mask step: the next request does not wait for the hundreds of diffusion launches left."""
-    started = time.monotonic()
-    with post(f"{server}/v1/images?stream=true", {"prompt": "a storm", "seed": 1, "num_inference_steps": 64,
-                                                  "num_diffusion_steps": 1000}, stream=True) as response:
-        lines = response.iter_lines()
-        assert next(lines) == b"event: progress"
-        first = json.loads(next(lines).removeprefix(b"data: "))
-        per_step = time.monotonic() - started  # at most: it also holds the text encoder and the connection
-    left_s = (first["mask_steps"] - 1) * per_step
-    next_started = time.monotonic()
+def test_leaving_an_image_stream_frees_the_replica(server, image_runner, t2i_b4_engines):
+    """A client that goes away after the first progress event stops the runner at its next mask step: its call
+    ends stopped (not finished), and the next request is answered."""
+    before = stats(t2i_b4_engines)
+    body = {"prompt": "a storm", "seed": 1, **LONG_IMAGE}
+    with post(f"{server}/v1/images?stream=true", body, stream=True) as response:
+        assert next(response.iter_lines()) == b"event: progress"
+    stopped(t2i_b4_engines, before)
     answer = post(f"{server}/v1/images", {"prompt": "a kite", "seed": 7, **STEPS})
-    assert answer.status_code == 200 and time.monotonic() - next_started < left_s / 2, (per_step, left_s)
+    assert answer.status_code == 200
+    np.testing.assert_array_equal(pixels(answer.content), image_runner("a kite", seed=7, **STEPS).images[0])
+
+
+def test_video_stream_interleaves_progress_with_its_windows(server, video_runner):
+    """Every mask step's progress, in order, rising to the total; each window right after the progress of its
+    last latent frame (17 frames: 5 latents, then 16 per 4), before any later frame's; the windows' frames are
+    the blocking call's video."""
+    with post(f"{server}/v1/videos?stream=true", {"prompt": "waves on a beach", "seed": 3, **VIDEO},
+              stream=True) as response:
+        received = events(response)
+    steps: list = []
+    direct = video_runner("waves on a beach", seed=3, on_step=steps.append, **VIDEO)
+    progress = [data for name, data in received if name == "progress"]
+    assert progress == [dataclasses.asdict(step) for step in steps]
+    assert [p["mask_steps_done"] for p in progress] == list(range(1, 9 * 4 + 1)) and progress[-1]["frames_done"] == 9
+    windows = []
+    for at, (name, data) in enumerate(received):
+        if name == "window":
+            latents = 1 + (data["start"] + data["shape"][1] - 1) // 4  # the latent frames its pixels need
+            assert received[at - 1] == ("progress", {"frames_done": latents, "frames": 9,
+                                                     "mask_steps_done": latents * 4, "mask_steps": 36})
+            windows.append(window_frames(data))
+    assert [name for name, _ in received if name != "progress"] == ["window", "window", "done"]
+    assert received[-1] == ("done", {"frames": 33})
+    np.testing.assert_array_equal(np.concatenate(windows, axis=1), direct.frames)
 
 
 # -- video jobs ----------------------------------------------------------------------------------------------------
@@ -222,21 +290,42 @@ def test_jobs_are_bounded_in_number(server):
 # -- image-to-video ------------------------------------------------------------------------------------------------
 
 
-def test_image_to_video_over_http_equals_the_direct_call(server, video_runner, tmp_path):
-    """A 96x48 JPEG: the runner fits it to the model's 64x64 as it fits the same picture given directly."""
-    picture = (np.random.default_rng(0).random((48, 96, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="JPEG")
+def test_image_to_video_over_http_equals_the_direct_call(server, video_runner):
+    """A 96x48 JPEG, as a base64 field and as a multipart file: the runner fits it to the model's 96x64 as it fits
+    the same picture given directly."""
+    picture = jpeg(48, 96)
     options = dict(max_latent_length=3, num_inference_steps=4, num_diffusion_steps=4)
-    body = {"prompt": "a cat walks", "seed": 4, "image": base64.b64encode(buffer.getvalue()).decode(), **options}
-    with post(f"{server}/v1/videos?stream=true", body, stream=True) as response:
+    body = {"prompt": "a cat walks", "seed": 4, **options}
+    direct = video_runner("a cat walks", seed=4, image=np.asarray(Image.open(io.BytesIO(picture))), **options).frames
+    with post(f"{server}/v1/videos?stream=true", {**body, "image": base64.b64encode(picture).decode()},
+              stream=True) as response:
         windows = [data for name, data in events(response) if name == "window"]
-    served = np.frombuffer(base64.b64decode(windows[0]["frames"]), np.uint8).reshape(windows[0]["shape"])
-    direct = video_runner("a cat walks", seed=4, image=np.asarray(Image.open(buffer)), **options).frames
-    np.testing.assert_array_equal(served, direct)
+    np.testing.assert_array_equal(window_frames(windows[0]), direct)
+    parts = {"request": (None, json.dumps(body)), "image": ("cat.jpg", picture, "image/jpeg")}
+    with requests.post(f"{server}/v1/videos?stream=true", files=parts, timeout=TIMEOUT, stream=True) as response:
+        windows = [data for name, data in events(response) if name == "window"]
+    np.testing.assert_array_equal(window_frames(windows[0]), direct)
     broken = post(f"{server}/v1/videos", {**body, "image": "bm90IGEgcGljdHVyZQ=="})
-    assert broken.status_code == 400 and broken.json()["error"] == (
-        "image must be a base64 PNG or JPEG, and its bytes are neither")
+    assert broken.status_code == 400
+    assert broken.json()["error"] == "image must be a PNG or JPEG, and its bytes are neither"
+
+
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/videos/jobs"])
+@pytest.mark.parametrize("parts, status, message", [
+    ({"request": (None, '{"prompt": "a cat"}'), "image": ("notes.txt", b"not a picture", "text/plain")}, 400,
+     "image must be a PNG or JPEG, and its bytes are neither"),
+    ({"request": (None, '{"prompt": "a cat"}'), "image": (None, "iVBORw0KGgo=")}, 422,
+     "the 'image' part must be a file (a PNG or JPEG), not a text field"),
+    ({"image": ("cat.jpg", b"", "image/jpeg")}, 422, "a multipart video request has a 'request' part (its JSON)"),
+    ({"request": (None, '{"prompt": "a cat", "image": "iVBORw0KGgo="}'), "image": ("cat.jpg", b"", "image/jpeg")},
+     422, "give the image prompt once: as the 'image' part or as the request's image field"),
+    ({"request": (None, '{"prompt": "a cat", "colour": 1}')}, 422,
+     "colour: Extra inputs are not permitted (unknown field)"),
+])
+def test_multipart_refusals_are_one_sentence(server, path, parts, status, message):
+    response = requests.post(f"{server}{path}", files=parts, timeout=TIMEOUT)
+    assert response.status_code == status and list(response.json()) == ["error"], response.text
+    assert message in response.json()["error"]
 
 
 # -- the web demo in a real browser --------------------------------------------------------------------------------
@@ -257,30 +346,115 @@ def page(server):
         browser.close()
 
 
+def shown(page) -> dict:
+    """What the video tab shows now, read at one instant: frames received and shown so far, the index of the frame
+    on the (first) canvas and its RGB pixels, and the progress bar's value and maximum."""
+    state = page.evaluate("""() => {
+        const results = document.getElementById("video-results"), canvas = results.querySelector("canvas");
+        const bar = document.getElementById("video-progress");
+        const image = canvas && canvas.dataset.frame !== undefined
+            ? canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height) : null;
+        return {received: Number(results.dataset.received), shown: Number(results.dataset.shown),
+                frame: image && Number(canvas.dataset.frame), progress: bar.value, total: bar.max,
+                size: image && [image.height, image.width], pixels: image && Array.from(image.data)}; }""")
+    if state["pixels"] is not None:
+        state["pixels"] = np.array(state["pixels"], np.uint8).reshape(*state["size"], 4)[..., :3]
+    return state
+
+
+def wait(page, condition: str) -> None:
+    """Until the JavaScript expression `condition` holds in the page (polled every 100 ms, not at every animation
+    frame: the browser shares the 2 cores with the replicas; bounded by TIMEOUT)."""
+    page.wait_for_function(condition, polling=100, timeout=TIMEOUT * 1000)
+
+
+def screenshot(page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+
+
 def test_demo_generates_the_direct_calls_image(page, image_runner):
+    page.click("#tab-image")
     page.fill("#image-prompt", "a watercolor fox")
     page.fill("#image-seed", "11")
     page.fill("#image-mask-steps", "8")
     page.fill("#image-diffusion-steps", "4")
     page.click("#image-generate")
-    shown = page.wait_for_selector("#image-results img", timeout=TIMEOUT * 1000)
-    png = base64.b64decode(shown.get_attribute("src").removeprefix("data:image/png;base64,"))
+    shown_image = page.wait_for_selector("#image-results img", timeout=TIMEOUT * 1000)
+    png = base64.b64decode(shown_image.get_attribute("src").removeprefix("data:image/png;base64,"))
     np.testing.assert_array_equal(pixels(png), image_runner("a watercolor fox", seed=11, **STEPS).images[0])
     assert page.text_content("#image-status") == "done: 1 image(s), seed 11"
+    screenshot(page, "text-to-image")
     page.fill("#image-mask-steps", "2")  # below the build's minimum: the runner's sentence is shown
     page.click("#image-generate")
     page.wait_for_selector("#image-status.refused", timeout=TIMEOUT * 1000)
     assert "num_inference_steps" in page.text_content("#image-status")
 
 
-def test_demo_cancels_a_video_midway(page):
+def test_demo_cancels_an_image_midway(page, t2i_b4_engines):
+    """Cancel after the first progress closes the stream: the replica's runner call ends stopped, and the next
+    image is answered."""
+    page.click("#tab-image")
+    page.fill("#image-prompt", "a storm")
+    page.fill("#image-mask-steps", str(LONG_IMAGE["num_inference_steps"]))
+    page.fill("#image-diffusion-steps", str(LONG_IMAGE["num_diffusion_steps"]))
+    before = stats(t2i_b4_engines)
+    page.click("#image-generate")
+    wait(page, "document.getElementById('image-progress').value >= 1")
+    page.click("#image-cancel")
+    wait(page, "document.getElementById('image-status').textContent === 'cancelled'")
+    stopped(t2i_b4_engines, before)
+    assert page.eval_on_selector("#image-results", "results => results.children.length") == 0
+    page.fill("#image-mask-steps", "8")
+    page.fill("#image-diffusion-steps", "4")
+    page.click("#image-generate")
+    wait(page, "document.getElementById('image-status').textContent.startsWith('done')")
+
+
+def fill_video(page, prompt: str, **fields: int) -> None:
     page.click("#tab-video")
-    page.fill("#video-prompt", "a storm at sea")
-    for field, value in (("latents", 9), ("mask-steps", 64), ("diffusion-steps", 200)):
-        page.fill(f"#video-{field}", str(value))
+    page.fill("#video-prompt", prompt)
+    page.fill("#video-seed", "0")
+    for field, value in fields.items():
+        page.fill(f"#video-{field.replace('_', '-')}", str(value))
+
+
+def test_demo_plays_the_video_as_it_streams_and_cancels_midway(page, t2v_engines, server):
+    """The first window's frames play on the canvas while later latent frames are still being generated (that
+    they are the runner's pixels: the next test); cancel then closes the stream: the replica's runner call ends
+    stopped, and the next video is answered."""
+    # a mask step per token (24) at the built diffusion count: the first window comes after 5 latent frames, and the
+    # other 4 and their window take about as long again, in which the page shows frames and the cancel lands
+    fill_video(page, "a storm at sea", latents=9, mask_steps=24, diffusion_steps=4)
+    before = stats(t2v_engines)
     page.click("#video-generate")
-    page.wait_for_function("document.getElementById('video-progress').value >= 1", timeout=TIMEOUT * 1000)
+    wait(page, "Number(document.getElementById('video-results').dataset.shown) >= 1")
+    now = shown(page)
+    counts = {key: now[key] for key in ("received", "shown", "progress", "total")}
+    assert now["received"] == 17 and now["shown"] >= 1 and now["progress"] < now["total"], counts
     page.click("#video-cancel")
-    page.wait_for_function("document.getElementById('video-status').textContent === 'cancelled'",
-                           timeout=TIMEOUT * 1000)
-    assert page.eval_on_selector("#video-progress", "bar => bar.value") < 9 * 64
+    wait(page, "document.getElementById('video-status').textContent === 'cancelled'")
+    stopped(t2v_engines, before)
+    assert shown(page)["progress"] < now["total"]
+    short = dict(max_latent_length=1, num_inference_steps=4, num_diffusion_steps=4)
+    assert post(f"{server}/v1/videos", {"prompt": "waves", "seed": 4, **short}).status_code == 200
+
+
+def test_demo_sends_the_image_prompt_as_a_file(page, video_runner, tmp_path):
+    """The image prompt goes as a multipart file part; the canvas plays the direct call's frames."""
+    (tmp_path / "cat.jpg").write_bytes(jpeg(48, 96))
+    fill_video(page, "a cat walks", latents=3, mask_steps=4, diffusion_steps=4)
+    page.set_input_files("#video-image", str(tmp_path / "cat.jpg"))
+    with page.expect_request("**/v1/videos?stream=true") as sent:
+        page.click("#video-generate")
+    assert sent.value.headers["content-type"].startswith("multipart/form-data")
+    wait(page, "document.getElementById('video-status').textContent.startsWith('done')")
+    assert page.text_content("#video-status") == "done: 9 frame(s), seed 0"
+    now = shown(page)
+    direct = video_runner("a cat walks", seed=0, image=np.asarray(Image.open(tmp_path / "cat.jpg")),
+                          guidance_scale=5.0, motion_flow=5.0, max_latent_length=3, num_inference_steps=4,
+                          num_diffusion_steps=4).frames
+    assert now["received"] == 9
+    np.testing.assert_array_equal(now["pixels"], direct[0, now["frame"]])
+    screenshot(page, "text-to-video")
+    page.set_input_files("#video-image", [])
