@@ -279,10 +279,10 @@ class AdaNorm(nn.Module):
         # 1 + scale is the addition LN(x) * (1 + scale) makes, on the same operands: done once for every step.
         return list(zip(*(step_chunks(stat, steps) for stat in (1 + scale, shift, *gate))))
 
-    @staticmethod
-    def modulate(x: torch.Tensor, one_plus_scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def modulate(self, x: torch.Tensor, one_plus_scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """LN(x) * (1 + scale) + shift, the official order."""
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * one_plus_scale + shift
+        # the normalized shape from the module, not x.shape: the TorchScript exporter needs it constant
+        return F.layer_norm(x, (self.proj.in_features,), eps=1e-6) * one_plus_scale + shift
 
 
 class DiffusionBlock(nn.Module):
