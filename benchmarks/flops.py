@@ -88,10 +88,15 @@ def condition_projection(config, tokens: int, rows: int) -> float:
     return rows * tokens * 2.0 * (n["D"] * n["Dm"] + n["Dm"] * n["Dm"])
 
 
+def timestep_projection(config) -> float:
+    """The diffusion MLP's timestep projection of one timestep (Projector(256, Dm))."""
+    Dm = _config_numbers(config)["Dm"]
+    return 2.0 * (256 * Dm + Dm * Dm)
+
+
 def diffusion_call(config, tokens: int, rows: int) -> float:
     """One diffusion step on `tokens` tokens of `rows` sequences (the timestep projection runs per row)."""
-    Dm = _config_numbers(config)["Dm"]
-    return rows * (tokens * diffusion_token(config) + 2.0 * (256 * Dm + Dm * Dm))
+    return rows * (tokens * diffusion_token(config) + timestep_projection(config))
 
 
 @functools.lru_cache(maxsize=32)
@@ -142,9 +147,11 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *,
     spatial_executed = frames * sum(spatial_step(config, known_slots(n["N"], k), rows) for k in known)
     denoise_useful = frames * diffusion_steps * sum(diffusion_call(config, count, rows) for count in schedule)
     # the runner's denoise_loop (the benchmark builds it for the request's step count): the condition
-    # projection once per mask step instead of once per diffusion step
+    # projection once per mask step instead of once per diffusion step, the timestep projection once per
+    # diffusion step instead of once per row
     loop_call = diffusion_steps * diffusion_call(config, n_max, rows) \
-        - (diffusion_steps - 1) * condition_projection(config, n_max, rows)
+        - (diffusion_steps - 1) * condition_projection(config, n_max, rows) \
+        - diffusion_steps * (rows - 1) * timestep_projection(config)
     denoise_executed = frames * len(schedule) * loop_call
     h, w = config.latent_size
     if vae_config.get("_class_name") == "AutoencoderKLOpenSora":

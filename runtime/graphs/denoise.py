@@ -2,40 +2,69 @@
 CFG mixing and the sampler update), `place` (the sampled tokens into the canvas), and `denoise_loop`
 (all of a mask step's diffusion steps, unrolled for the build's step count, then the placing: one
 launch per mask step instead of one per diffusion step). The loop and the single-step graphs run the
-same two functions, `diffusion_step` and `place_tokens`."""
+same functions: `step_modulations` (the head's work that does not depend on the step's sample, for all
+steps at once), `diffusion_step` and `place_tokens`.
+
+The rows of the head are 2-D [M * n, D] (Linear is one Gemm with its bias, no Reshapes around it) and
+each per-step input is cut into its steps by one Split for all steps: an unrolled loop of small matrices
+costs per node launched, not per FLOP."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from runtime.graphs.common import GraphModule, cfg_rows
 from runtime.graphs.contract import GraphContext, GraphSpec, randint, randn, random_orders, sources, tensor
 from runtime.graphs.profile import NO_CLIP, Geometry
-from runtime.model.transformer import DiffusionMLP, NOVATransformer3DModel, patchify, unpatchify
+from runtime.model.transformer import (DiffusionMLP, Modulations, NOVATransformer3DModel, patchify, step_chunks,
+                                       unpatchify)
 from runtime.schedules import SamplerTable
 
 SOURCES = sources(__name__)
 
 
+class StepScalars(NamedTuple):
+    """One diffusion step's scalar inputs, [1] each."""
+    coefficients: tuple[torch.Tensor, ...]  # its `SamplerTable` row: a, b, r, c, d, e
+    guidance_scale: torch.Tensor
+    guided: torch.Tensor  # bool: guidance_scale > 1 (<= 1 turns guidance off for the step)
+
+
+def step_scalars(coefficients: torch.Tensor, guidance_scale: torch.Tensor) -> list[StepScalars]:
+    """coefficients [S, 6] (or [6] for one step), guidance_scale [S] -> per step, its `StepScalars`: every
+    value cut out by one Split for all steps, where indexing would cost nodes per step."""
+    steps, width = guidance_scale.shape[0], coefficients.shape[-1]
+    values = coefficients.flatten().split(1)
+    rows = (values[j:j + width] for j in range(0, len(values), width))
+    return [StepScalars(*step) for step in zip(rows, step_chunks(guidance_scale, steps),
+                                                 step_chunks(guidance_scale > 1, steps))]
+
+
+def step_modulations(head: DiffusionMLP, z_selected: torch.Tensor, timesteps: torch.Tensor) -> list[Modulations]:
+    """z_selected [M, n, D], timesteps [S] -> per step, the head's AdaNorm modulations of the M * n rows
+    (`DiffusionMLP.modulations`): none of it depends on a step's sample, so all of it precedes the first step."""
+    return head.modulations(head.time_cond_embed.condition_proj(z_selected.flatten(0, 1)), timesteps)
+
+
 def diffusion_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, x: torch.Tensor,
-                   condition: torch.Tensor, timestep: torch.Tensor, coefficients: torch.Tensor,
-                   clip_range: torch.Tensor, noise: torch.Tensor, guidance_scale: torch.Tensor,
+                   modulations: Modulations, scalars: StepScalars, clip_range: torch.Tensor, noise: torch.Tensor,
                    third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None) -> torch.Tensor:
-    """One diffusion step (see DenoiseGraph) given z_selected's condition projection, which does not depend
-    on the step. -> x_next [B, n, 16] f32."""
-    model_in = cfg_rows(x.to(compute_dtype), geometry.blocks)
-    out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
+    """One diffusion step (see DenoiseGraph) of the rows x [B * n, 16] f32 given the step's modulations and
+    scalars. -> x_next [B * n, 16] f32."""
+    out = head.network(cfg_rows(x.to(compute_dtype), geometry.blocks), modulations).float()
     if geometry.blocks > 1:  # a scale <= 1 turns guidance off for the step: exactly the conditional output
         cond, uncond, *third = out.chunk(geometry.blocks)
-        out = torch.where(guidance_scale > 1, _combine(cond, uncond, third, guidance_scale, third_scale,
-                                                       image_guidance), cond)
-    return _sampler_update(x, out, coefficients, clip_range, noise)
+        out = torch.where(scalars.guided, _combine(cond, uncond, third, scalars.guidance_scale, third_scale,
+                                                   image_guidance), cond)
+    return _sampler_update(x, out, scalars.coefficients, clip_range, noise)
 
 
-def _sampler_update(x: torch.Tensor, out: torch.Tensor, coefficients: torch.Tensor, clip_range: torch.Tensor,
-                    noise: torch.Tensor) -> torch.Tensor:
-    """A `SamplerTable` row applied in fp32: clip((a x + b out) / r) then c pred + d x + e noise."""
-    a, b, r, c, d, e = coefficients.split(1)
+def _sampler_update(x: torch.Tensor, out: torch.Tensor, coefficients: tuple[torch.Tensor, ...],
+                    clip_range: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A `SamplerTable` row (a, b, r, c, d, e) applied in fp32: clip((a x + b out) / r) then c pred + d x + e noise."""
+    a, b, r, c, d, e = coefficients
     pred = (a * x + b * out) / r
     pred = torch.minimum(torch.maximum(pred, -clip_range), clip_range)
     return c * pred + d * x + e * noise
@@ -61,28 +90,27 @@ def _guidance_terms(cond: torch.Tensor, uncond: torch.Tensor, third: list[torch.
 
 
 def renormed_step(head: DiffusionMLP, geometry: Geometry, compute_dtype: torch.dtype, grid: torch.Tensor,
-                  selected: torch.Tensor, valid: torch.Tensor, condition: torch.Tensor, timestep: torch.Tensor,
-                  coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
-                  guidance_scale: torch.Tensor, renorm: torch.Tensor, third_scale: torch.Tensor | None = None,
-                  image_guidance: torch.Tensor | None = None) -> torch.Tensor:
+                  selected: torch.Tensor, valid: torch.Tensor, modulations: Modulations, scalars: StepScalars,
+                  clip_range: torch.Tensor, noise: torch.Tensor, renorm: torch.Tensor,
+                  third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None) -> torch.Tensor:
     """One diffusion step over the whole token grid [B, N, 16], as the official head returns it: the selected
     tokens take the head's output, every other token (the padded rows too) keeps its input in every block,
     so the guided and conditional grids equal x there. guidance_renorm (< 1) scales each sample's guided term
     by clamp(|cond| / |guided|, renorm, 1), norms over the whole grid; then the sampler steps every token."""
     index = selected.unsqueeze(-1).expand(-1, -1, geometry.token_dim)
     x = grid.gather(1, index)
-    model_in = cfg_rows(x.to(compute_dtype), geometry.blocks)
-    out = head.predict(model_in, timestep.expand(model_in.shape[0]), condition).float()
+    model_in = cfg_rows(x.flatten(0, 1).to(compute_dtype), geometry.blocks)
+    out = head.network(model_in, modulations).float().view(-1, *x.shape[1:])
     cond, uncond, *third = (torch.where(valid.unsqueeze(-1), block, x) for block in out.chunk(geometry.blocks))
-    guided, third_term = _guidance_terms(cond, uncond, third, guidance_scale, third_scale, image_guidance)
+    guided, third_term = _guidance_terms(cond, uncond, third, scalars.guidance_scale, third_scale, image_guidance)
     cond_grid, guided_grid = grid.scatter(1, index, cond), grid.scatter(1, index, guided)
     one = torch.ones_like(renorm)
     ratio = cond_grid.norm(dim=(1, 2), keepdim=True) / guided_grid.norm(dim=(1, 2), keepdim=True)
     guided_grid = guided_grid * torch.where(renorm < 1, torch.minimum(torch.maximum(ratio, renorm), one), one)
     if third_term is not None:
         guided_grid = guided_grid + torch.zeros_like(grid).scatter(1, index, third_term)
-    return _sampler_update(grid, torch.where(guidance_scale > 1, guided_grid, cond_grid), coefficients, clip_range,
-                           noise)
+    return _sampler_update(grid, torch.where(scalars.guided, guided_grid, cond_grid), scalars.coefficients,
+                           clip_range, noise)
 
 
 def place_tokens(geometry: Geometry, canvas: torch.Tensor, x: torch.Tensor, selected: torch.Tensor,
@@ -116,10 +144,12 @@ class DenoiseGraph(GraphModule):
                 coefficients: torch.Tensor, clip_range: torch.Tensor, noise: torch.Tensor,
                 guidance_scale: torch.Tensor, third_scale: torch.Tensor | None = None,
                 image_guidance: torch.Tensor | None = None) -> torch.Tensor:
-        with self.islands():
-            condition = self.head.time_cond_embed.condition_proj(z_selected)
-            return diffusion_step(self.head, self.geometry, self.compute_dtype, x, condition, timestep, coefficients,
-                                  clip_range, noise, guidance_scale, third_scale, image_guidance)
+        with self.islands():  # the loop's functions at S = 1
+            (modulations,) = step_modulations(self.head, z_selected, timestep)
+            (scalars,) = step_scalars(coefficients, guidance_scale)
+            x_next = diffusion_step(self.head, self.geometry, self.compute_dtype, x.flatten(0, 1), modulations,
+                                    scalars, clip_range, noise.flatten(0, 1), third_scale, image_guidance)
+            return x_next.view_as(x)
 
 
 def denoise_spec(ctx: GraphContext) -> GraphSpec:
@@ -202,7 +232,9 @@ class DenoiseLoopGraph(GraphModule):
     timesteps [S] f32, coefficients [S, 6] f32 (`SamplerTable`), clip_range [1] f32, noise [S, B, n, 16]
     f32 (step j's noise rows, zeros where the sampler adds none), guidance_scale [S] f32 (step j's; <= 1: off), selected
     [B, n] int64, valid [B, n] bool -> canvas_out [B, C, h, w] f32: S `denoise` steps and `place`, the
-    same functions on the same inputs, except that z_selected's condition projection is computed once.
+    same functions on the same inputs, except that the step-independent work is done once for all S steps
+    (`step_modulations`: z_selected's condition projection, the S timestep embeddings, one AdaNorm
+    projection over [S * M * n, D] per AdaNorm; `step_scalars`; the noise rows split once).
     Three-block builds: third_scale [1] f32 and image_guidance [1] bool after valid (as `denoise`'s; a
     truncated step's guidance_scale of 1 already selects the conditional output, so one third scale serves).
     Builds with guidance_renorm: x and noise hold the whole token grid ([B, N, 16], [S, B, N, 16]) and renorm
@@ -218,19 +250,20 @@ class DenoiseLoopGraph(GraphModule):
                 guidance_scale: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
                 third_scale: torch.Tensor | None = None, image_guidance: torch.Tensor | None = None,
                 renorm: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.geometry
+        g, shape = self.geometry, x.shape
         with self.islands():
-            condition = self.head.time_cond_embed.condition_proj(z_selected)  # independent of the step: once
-            for j in range(self.steps):
-                step = (timesteps[j:j + 1], coefficients[j], clip_range, noise[j], guidance_scale[j:j + 1])
-                if renorm is None:
-                    x = diffusion_step(self.head, g, self.compute_dtype, x, condition, *step, third_scale,
-                                       image_guidance)
-                else:
-                    x = renormed_step(self.head, g, self.compute_dtype, x, selected, valid, condition, *step, renorm,
-                                      third_scale, image_guidance)
-        if renorm is not None:  # the whole grid: the selected tokens' rows
-            x = x.gather(1, selected.unsqueeze(-1).expand(-1, -1, g.token_dim))
+            steps = zip(step_modulations(self.head, z_selected, timesteps), step_scalars(coefficients, guidance_scale))
+            if renorm is None:  # the selected rows, 2-D [B * n, 16] from the first step to the last
+                x = x.flatten(0, 1)
+                for noise_j, (modulations, scalars) in zip(step_chunks(noise.flatten(0, 2), self.steps), steps):
+                    x = diffusion_step(self.head, g, self.compute_dtype, x, modulations, scalars, clip_range,
+                                       noise_j, third_scale, image_guidance)
+                x = x.view(shape)
+            else:  # the whole grid [B, N, 16]; then the selected tokens' rows
+                for noise_j, (modulations, scalars) in zip(step_chunks(noise.flatten(0, 1), self.steps), steps):
+                    x = renormed_step(self.head, g, self.compute_dtype, x, selected, valid, modulations, scalars,
+                                      clip_range, noise_j, renorm, third_scale, image_guidance)
+                x = x.gather(1, selected.unsqueeze(-1).expand(-1, -1, g.token_dim))
         return place_tokens(g, canvas, x, selected, valid)
 
 
@@ -275,7 +308,7 @@ def denoise_loop_spec(ctx: GraphContext) -> GraphSpec:
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
-        doc=f"A mask step's {S} diffusion steps (denoise, unrolled; z_selected's condition projection once) and "
+        doc=f"A mask step's {S} diffusion steps (denoise, unrolled; the step-independent work once) and "
             "place: one launch per mask step. Requests with another num_diffusion_steps run denoise and place.",
         inputs=(tensor("canvas", "float32", B, *canvas),
                 tensor("x", "float32", B, rows, td),  # the initial noise of the selected tokens (or all)

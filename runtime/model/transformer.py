@@ -256,17 +256,33 @@ class MaskEmbed(nn.Module):
         return tokens * (1 - mask) + self.mask_token * mask
 
 
+def step_chunks(t: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+    """t's rows cut into `steps` equal parts, one per diffusion step (one Split node; none for one step, where
+    a one-output Split would be a launch for nothing)."""
+    return t.chunk(steps) if steps > 1 else (t,)
+
+
 class AdaNorm(nn.Module):
-    """Non-affine LayerNorm modulated by (scale, shift[, gate]) computed from the condition."""
+    """Non-affine LayerNorm modulated by (scale, shift[, gate]) computed from the condition. The modulation
+    depends on the condition only, so its two halves are separate: `stats` for any number of diffusion steps
+    at once, `modulate` applying one step's."""
 
     def __init__(self, dim: int, num_stats: int):
         super().__init__()
         self.num_stats = num_stats
         self.proj = nn.Linear(dim, num_stats * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        scale, shift, *gate = self.proj(F.silu(cond)).chunk(self.num_stats, dim=-1)
-        return (F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift, *gate)
+    def stats(self, silu_cond: torch.Tensor, steps: int) -> list[tuple[torch.Tensor, ...]]:
+        """silu(cond) [S * R, D], step-major rows -> per step, (1 + scale, shift[, gate]) [R, D] each: one
+        matrix product for all S steps, each statistic cut into its S steps by one split."""
+        scale, shift, *gate = self.proj(silu_cond).chunk(self.num_stats, dim=-1)
+        # 1 + scale is the addition LN(x) * (1 + scale) makes, on the same operands: done once for every step.
+        return list(zip(*(step_chunks(stat, steps) for stat in (1 + scale, shift, *gate))))
+
+    def modulate(self, x: torch.Tensor, one_plus_scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """LN(x) * (1 + scale) + shift, the official order."""
+        # the normalized shape from the module, not x.shape: the TorchScript exporter needs it constant
+        return F.layer_norm(x, (self.proj.in_features,), eps=1e-6) * one_plus_scale + shift
 
 
 class DiffusionBlock(nn.Module):
@@ -276,8 +292,10 @@ class DiffusionBlock(nn.Module):
         self.proj = Projector(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h, gate = self.norm1(x, cond)
+    def forward(self, x: torch.Tensor, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x [R, D] given norm1's (1 + scale, shift, gate) of this step (`AdaNorm.stats`)."""
+        one_plus_scale, shift, gate = stats
+        h = self.norm1.modulate(x, one_plus_scale, shift)
         return self.norm2(self.proj(h)) * gate + x
 
 
@@ -287,19 +305,28 @@ class TimeCondEmbed(nn.Module):
         self.timestep_proj = Projector(256, dim)
         self.condition_proj = Projector(cond_dim, dim)
 
-    # The official forward(timestep, z) is condition_proj(z) + the timestep's embedding; its two halves are
-    # separate here because condition_proj(z) does not depend on the timestep (computed once per mask step).
-    def add_timestep(self, condition: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """condition_proj(z) [M, n, D] plus the embedding of timestep [M]."""
+    def forward(self, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The official condition: condition_proj(z) [M, n, D] plus the embedding of each row's timestep [M]."""
+        return self.condition_proj(z) + self.timestep_embedding(timestep, z.dtype).unsqueeze(1)
+
+    def timestep_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """timesteps [T] -> timestep_proj of their frequency embedding [T, D], computing in `dtype`."""
         # cos first, f_i = exp(-ln(1e4) i / 128): differs from the sin-first tables above.
-        freq = torch.exp(torch.arange(128, dtype=torch.float32, device=condition.device) * (-math.log(10000) / 128))
-        angle = timestep.float().unsqueeze(-1) * freq
-        temb = self.timestep_proj(torch.cat([angle.cos(), angle.sin()], dim=-1).to(condition.dtype))
-        return condition + temb.unsqueeze(1)
+        freq = torch.exp(torch.arange(128, dtype=torch.float32, device=timesteps.device) * (-math.log(10000) / 128))
+        angle = timesteps.float().unsqueeze(-1) * freq
+        return self.timestep_proj(torch.cat([angle.cos(), angle.sin()], dim=-1).to(dtype))
+
+
+Modulations = list[tuple[torch.Tensor, ...]]  # one diffusion step's AdaNorm stats: the blocks' norm1, then norm
 
 
 class DiffusionMLP(nn.Module):
-    """Predicts the velocity (flow matching) or noise (DDPM) of each token being generated."""
+    """Predicts the velocity (flow matching) or noise (DDPM) of each token being generated.
+
+    Two halves: `modulations`, everything that depends on the condition and the timestep only (the timestep
+    embedding, cond = condition_proj(z) + it, and every AdaNorm's proj(silu(cond))), computed for all of a
+    diffusion loop's steps at once; and `network`, one step on the noisy tokens given its modulations. Rows
+    are 2-D [R, D] (R = M * n) throughout, so every Linear is one matrix product with its bias."""
 
     def __init__(self, depth: int, dim: int, cond_dim: int, patch: int, image_dim: int):
         super().__init__()
@@ -310,16 +337,31 @@ class DiffusionMLP(nn.Module):
         self.head = nn.Linear(dim, patch * patch * image_dim)
 
     def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """noisy [M, n, p*p*C] patchified values, timestep [M], z [M, n, D] -> [M, n, p*p*C]."""
-        return self.predict(noisy, timestep, self.time_cond_embed.condition_proj(z))
+        """The official head: noisy [M, n, p*p*C] patchified values, timestep [M] (each row's, embedded per
+        row as the official code does), z [M, n, D] -> [M, n, p*p*C]."""
+        m, n, _ = noisy.shape
+        cond = self.time_cond_embed(timestep, z).reshape(m * n, -1)
+        (stats,) = self._stats(F.silu(cond), 1)
+        return self.network(noisy.reshape(m * n, -1), stats).reshape(m, n, -1)
 
-    def predict(self, noisy: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """forward, given z's condition projection (a diffusion loop computes it once: runtime/graphs/denoise.py)."""
-        cond = self.time_cond_embed.add_timestep(condition, timestep)
+    def modulations(self, condition: torch.Tensor, timesteps: torch.Tensor) -> list[Modulations]:
+        """The step-independent work of S diffusion steps: condition [R, D] (condition_proj of z's R rows),
+        timesteps [S] -> per step, its `Modulations` [R, D] each. The timestep embedding is computed once per
+        step for all rows (they share the step's timestep), each AdaNorm's projection once over [S * R, D]."""
+        temb = self.time_cond_embed.timestep_embedding(timesteps, condition.dtype)  # [S, D]
+        cond = condition + temb.unsqueeze(1)  # [S, R, D]: the official condition_proj(z) + temb
+        return self._stats(F.silu(cond.flatten(0, 1)), timesteps.shape[0])
+
+    def network(self, noisy: torch.Tensor, stats: Modulations) -> torch.Tensor:
+        """One diffusion step: noisy [R, p*p*C] given the step's modulations -> the prediction [R, p*p*C]."""
         x = self.patch_embed.embed_patches(noisy)
-        for block in self.blocks:
-            x = block(x, cond)
-        return self.head(self.norm(x, cond)[0])
+        for block, block_stats in zip(self.blocks, stats):
+            x = block(x, block_stats)
+        return self.head(self.norm.modulate(x, *stats[-1]))
+
+    def _stats(self, silu_cond: torch.Tensor, steps: int) -> list[Modulations]:
+        per_norm = [norm.stats(silu_cond, steps) for norm in (*(block.norm1 for block in self.blocks), self.norm)]
+        return [list(step) for step in zip(*per_norm)]
 
 
 class NOVATransformer3DModel(nn.Module):
