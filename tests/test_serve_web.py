@@ -423,9 +423,10 @@ def test_demo_plays_the_video_as_it_streams_and_cancels_midway(page, t2v_engines
     """The first window's frames play on the canvas while later latent frames are still being generated (that
     they are the runner's pixels: the next test); cancel then closes the stream: the replica's runner call ends
     stopped, and the next video is answered."""
-    # a mask step per token (24) at the built diffusion count: the first window comes after 5 latent frames, and the
-    # other 4 and their window take about as long again, in which the page shows frames and the cancel lands
-    fill_video(page, "a storm at sea", latents=9, mask_steps=24, diffusion_steps=4)
+    # a mask step per token (24) of 200 diffusion steps (the per-step graphs): the first window comes after 5 latent
+    # frames, and the other 4 take seconds more, in which the page shows frames and the cancel lands (at the built
+    # 4 diffusion steps they took well under a second, and a loaded CI run saw the video end before the cancel)
+    fill_video(page, "a storm at sea", latents=9, mask_steps=24, diffusion_steps=200)
     before = stats(t2v_engines)
     page.click("#video-generate")
     wait(page, "Number(document.getElementById('video-results').dataset.shown) >= 1")
