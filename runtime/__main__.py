@@ -157,6 +157,19 @@ def _ort_threads(threads: int) -> Iterator[None]:
             os.environ["NOVA_ORT_THREADS"] = before
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count inside; the caller's again after (main() may run in a caller's process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _generate(args: argparse.Namespace) -> str:
     from runtime.engine_folder import CONFIGS_DIR
 
@@ -190,17 +203,17 @@ def _reference(args: argparse.Namespace) -> str:
     from runtime.checkpoint import resolve_checkpoint
     from runtime.reference import ReferencePipeline
 
-    torch.set_num_threads(args.threads)
     folder = resolve_checkpoint(args.checkpoint, args.synthetic)
     if config is None:
         _check_request(args, options, _transformer_config(folder))
-    start = time.perf_counter()
-    pipe = ReferencePipeline.from_pretrained(folder)
-    loaded = time.perf_counter()
-    print(f"loaded {folder} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
-    with progress_stream() as stderr, contextlib.redirect_stderr(stderr):
-        output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), disable_progress_bar=False,
-                      output_type="np", **options)
+    with _torch_threads(args.threads):
+        start = time.perf_counter()
+        pipe = ReferencePipeline.from_pretrained(folder)
+        loaded = time.perf_counter()
+        print(f"loaded {folder} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
+        with progress_stream() as stderr, contextlib.redirect_stderr(stderr):
+            output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), disable_progress_bar=False,
+                          output_type="np", **options)
     pixels = output.images if output.images is not None else output.frames
     written = save_output(pixels, args.out, args.fps)
     return (f"loaded in {loaded - start:.1f} s, generated in {time.perf_counter() - loaded:.1f} s; wrote "

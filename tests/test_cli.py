@@ -184,17 +184,21 @@ def test_threads_reach_torch_and_onnxruntime(t2i_engines, tiny_t2i, tmp_path, mo
     opened = []
     from_engines = NOVARunner.from_engines
     monkeypatch.setattr(NOVARunner, "from_engines", lambda *a, **k: opened.append(from_engines(*a, **k)) or opened[-1])
-    assert _generate(t2i_engines, *FAST, "--threads", "1", "--out", str(tmp_path / "a.png")) == 0
+    before = os.environ.get("NOVA_ORT_THREADS")  # the suite's (tests/conftest.py)
+    assert _generate(t2i_engines, *FAST, "--threads", "2", "--out", str(tmp_path / "a.png")) == 0
     session = next(iter(opened[0].backend.sessions.values()))
-    assert session.get_session_options().intra_op_num_threads == 1
-    assert "NOVA_ORT_THREADS" not in os.environ  # set for the sessions only
+    assert session.get_session_options().intra_op_num_threads == 2
+    assert os.environ.get("NOVA_ORT_THREADS") == before  # set for the sessions only
+    from runtime.reference import ReferencePipeline
+
+    loading = []
+    from_pretrained = ReferencePipeline.from_pretrained
+    monkeypatch.setattr(ReferencePipeline, "from_pretrained",
+                        lambda *a, **k: loading.append(torch.get_num_threads()) or from_pretrained(*a, **k))
     before = torch.get_num_threads()
-    try:
-        assert cli.main(["reference", "--checkpoint", str(tiny_t2i), "--prompt", "a", "--steps", "2",
-                         "--diffusion-steps", "1", "--threads", "1", "--out", str(tmp_path / "b.png")]) == 0
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    assert cli.main(["reference", "--checkpoint", str(tiny_t2i), "--prompt", "a", "--steps", "2",
+                     "--diffusion-steps", "1", "--threads", str(before + 1), "--out", str(tmp_path / "b.png")]) == 0
+    assert loading == [before + 1] and torch.get_num_threads() == before  # set for the call only
 
 
 def test_runner_messages_name_the_flags(t2i_engines, tmp_path, capsys):
