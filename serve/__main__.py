@@ -1,14 +1,15 @@
 """Start the NOVA Ray Serve application: `python -m serve --engines engines/tiny-t2i-fp16 --port 8000`.
 
-Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS (e.g. `ray start --head` first),
-and serves until stopped. Every engine folder is verified, and the plan checked against the cluster's
-CPUs and GPUs, before any replica starts. Exit status: 0 stopped by SIGTERM, 2 refused, 130 interrupted
+Starts a local Ray instance (on the CPUs this process may run on), or joins the cluster named by RAY_ADDRESS
+(e.g. `ray start --head` first), and serves until stopped. Every engine folder is verified, and the plan checked
+against the cluster's CPUs and GPUs, before any replica starts (a local instance's CPUs before it starts). Exit status: 0 stopped by SIGTERM, 2 refused, 130 interrupted
 (Ctrl-C). The web demo is at / (http://127.0.0.1:8000/ by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -121,12 +122,19 @@ def _serve(args: argparse.Namespace) -> int:
                         max_jobs=args.max_jobs, job_keep_s=args.job_keep_s)
     except ValueError as error:
         return _refuse(str(error))
+    plan = (len(args.engines), args.replicas, args.num_cpus, args.num_gpus)
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
+        # a local instance gets the CPUs this process may run on, so a plan beyond them is refused before it
+        # starts (its GPUs are Ray's to detect: checked below)
+        cpus = len(os.sched_getaffinity(0))
+        problem = unschedulable({"CPU": cpus, "GPU": math.inf}, *plan)
+        if problem:
+            return _refuse(problem)
+        ray.init(num_cpus=cpus, include_dashboard=False, _metrics_export_port=args.metrics_port)
     _on_signals(_stop)  # Ray installs handlers of its own
-    problem = unschedulable(ray.cluster_resources(), len(args.engines), args.replicas, args.num_cpus, args.num_gpus)
+    problem = unschedulable(ray.cluster_resources(), *plan)
     if problem:
         ray.shutdown()
         return _refuse(problem)
