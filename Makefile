@@ -25,7 +25,7 @@ run: setup
 	$(BIN)/python -m runtime generate --engines engines/tiny-t2v-fp16 --max-latent-length 9 --prompt "waves rolling onto a beach" --out outputs/tiny-t2v.mp4
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf outputs checkpoints engines/*/ .pytest_cache

@@ -11,9 +11,12 @@ from filelock import FileLock
 
 from runtime.checkpoint import synthesize
 
-# Tiny models are dominated by per-op overhead; one thread is faster and immune to OpenMP spinning
-# when the two cores of a CI machine are shared.
+# Tiny models are dominated by per-op overhead; one thread is faster and immune to OpenMP spinning when the two
+# cores of a CI machine are shared by two test workers. ONNX Runtime too (the backend reads NOVA_ORT_THREADS, and
+# subprocesses inherit it): with its default, a pool over every core that spins between ops, two ONNX Runtime
+# files side by side took twice as long (measured).
 torch.set_num_threads(1)
+os.environ["NOVA_ORT_THREADS"] = "1"
 
 
 def _shared(tmp_path_factory, name: str, make):
@@ -28,6 +31,41 @@ def _shared(tmp_path_factory, name: str, make):
             make(folder)
             done.touch()
     return folder
+
+
+# `make test` hands pytest-xdist's workers whole files (--dist loadfile), so each module-scoped fixture starts
+# once per run; the files that share the service's Ray instance (tests/service/conftest.py) are one unit, so it
+# starts once too. Units go out longest first (--no-loadscope-reorder keeps this order), so that the two workers
+# end together: LONGEST_FIRST are the units above ~30 s of one worker, longest first (measured on 2 cores); the
+# rest follow in file order.
+RAY_CLUSTER = "ray-cluster"
+RAY_CLUSTER_FILES = ("tests/service/test_api.py", "tests/service/test_web.py")
+LONGEST_FIRST = (RAY_CLUSTER, "tests/test_benchmarks.py", "tests/test_official_options.py", "tests/test_build.py",
+                 "tests/test_serve_cli.py")
+
+
+def work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return RAY_CLUSTER if path in RAY_CLUSTER_FILES else path
+
+
+def pytest_collection_modifyitems(items):
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: file order within a unit
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with RAY_CLUSTER_FILES as one unit (xdist's own grouping, --dist loadgroup, does not
+    group under pytest 9.2)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return Units(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +105,12 @@ def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", e
                    lambda folder: _engine_folder(checkpoint, folder, BuildProfile(**profile), precision, exporter))
 
 
+# Exporters: dynamo (the default) builds the folders whose graphs tests/test_export.py checks one by one and
+# whose forms the runtime relies on (static output shapes for CUDA graphs, fused attention): t2i, t2v9, t2i-fp16.
+# TorchScript, ~5x faster to export, builds the others, where the tests are about serving or guidance logic.
+TORCHSCRIPT = "torchscript"
+
+
 @pytest.fixture(scope="session")
 def t2i_engines(tiny_t2i, tmp_path_factory):
     return _engines(tmp_path_factory, tiny_t2i, "t2i", min_mask_steps=8)
@@ -74,8 +118,9 @@ def t2i_engines(tiny_t2i, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def t2i_b4_engines(tiny_t2i, tmp_path_factory):
-    """Four prompts per call: the text and VAE batches are dynamic dims; serving batches into it."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-b4", prompts=4, min_mask_steps=8)
+    """Four prompts per call: the text and VAE batches are dynamic dims; serving batches into it.
+    TorchScript-exported (TORCHSCRIPT says why)."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-b4", exporter=TORCHSCRIPT, prompts=4, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
@@ -84,25 +129,18 @@ def t2v_engines(tiny_t2v, tmp_path_factory):
     return _engines(tmp_path_factory, tiny_t2v, "t2v9", min_mask_steps=4, max_latent_length=9)
 
 
-# The third-pass folders test the runner's guidance logic against the reference; the default exporter (dynamo)
-# is checked graph by graph on the image and video folders (tests/test_export.py), and the TorchScript exporter
-# builds these two folders in ~10 s against ~40 s each.
-THIRD_PASS_EXPORTER = "torchscript"
-
-
 @pytest.fixture(scope="session")
 def t2i_third_pass_engines(tiny_t2i, tmp_path_factory):
     """Every official option: three guidance row blocks (on an image checkpoint: no motion_flow, so raw_bos
-    follows frame_position) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported, as
-    THIRD_PASS_EXPORTER says why."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", exporter=THIRD_PASS_EXPORTER, third_pass=True, guidance_renorm=True, min_mask_steps=8)
+    follows frame_position) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", exporter=TORCHSCRIPT, third_pass=True, guidance_renorm=True, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
     """Every official option: three guidance row blocks (image_guidance_scale and spatiotemporal_guidance_scale,
-    and plain CFG) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported (THIRD_PASS_EXPORTER)."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", exporter=THIRD_PASS_EXPORTER, third_pass=True, guidance_renorm=True, min_mask_steps=4,
+    and plain CFG) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", exporter=TORCHSCRIPT, third_pass=True, guidance_renorm=True, min_mask_steps=4,
                     max_latent_length=3)
 
 
@@ -112,11 +150,3 @@ def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
     for 4 steps like the other fixtures (its default 25 would add ~20 s of export; requests at 25 steps take
     the per-step graphs)."""
     return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Replicas and direct runners alike run ONNX Runtime on one thread (2 shared cores)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NOVA_ORT_THREADS", "1")
-        yield

@@ -92,10 +92,9 @@ def test_torch_loop_graph_equals_per_step_graphs(which, request):
 
 
 @pytest.mark.parametrize("which", ["t2i", "t2v"])
-def test_onnxruntime_loop_equals_per_step_graphs(which, request, monkeypatch):
+def test_onnxruntime_loop_equals_per_step_graphs(which, request):
     """Measured bit-equal in fp32 (ONNX Runtime 1.31.1, CPU provider; the issue's bar is 1e-5). The engine
-    fixtures unroll 4 steps (tests/conftest.py)."""
-    monkeypatch.setenv("NOVA_ORT_THREADS", "1")
+    fixtures unroll 4 steps (tests/conftest.py); one ONNX Runtime thread, as everywhere in the suite."""
     runner = NOVARunner.from_engines(request.getfixturevalue(f"{which}_engines"), backend="onnxruntime")
     assert "4 diffusion steps per launch" in runner.describe_build()
     looped, calls = launches(runner, **CASES[which])

@@ -1,8 +1,7 @@
-"""The Ray Serve application (serve/) on a local Ray instance over tiny engine folders, loopback only.
-
-One Ray instance per module and two applications: "nova", a batch-4 tiny-t2i folder and a tiny-t2v folder
-with a 9-latent cache (two decoded windows), and "tight" at /tight, the same two folders again with a small
-queue and a short video deadline. Every served result is compared with a direct NOVARunner call.
+"""The Ray Serve application (serve/) on the package's local Ray instance (conftest.py: a batch-4 tiny-t2i folder
+and a tiny-t2v folder with a 9-latent cache, two decoded windows, served as "nova" and again as "tight", with a
+small queue and a short video deadline), loopback only. Every served result is compared with a direct NOVARunner
+call.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import base64
 import concurrent.futures
 import io
 import json
-import socket
 import time
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 
 from runtime import NOVARunner
 from runtime.draws import NumpyDraws, PerRowDraws, RandomDraws
-from runtime.media import read_mp4, write_mp4
+from tests.service.apps import TIGHT, VIDEO_DEADLINE_S, assert_encodes
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
@@ -28,10 +26,6 @@ TIMEOUT = 60  # seconds, any one HTTP exchange
 # the longest legal image request on the tiny engines (16 tokens, 1000 diffusion steps, the cap): 5-9 s on the
 # 2 shared cores, in mask steps of 0.3-0.6 s; a video of 9 latents at the cap takes twice that at least
 LONG = {"num_inference_steps": 16, "num_diffusion_steps": 1000}
-# The "tight" app's video deadline, well below the too-long video of the deadline test (over 12 s here). The
-# "nova" app keeps the default deadlines: its ordinary ~1 s videos hit 8 and 12 s ones in loaded CI-like runs.
-VIDEO_DEADLINE_S = 4.0
-TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
 
 
 @pytest.fixture(scope="session")
@@ -45,47 +39,8 @@ def t2v9(t2v_engines):
 
 
 @pytest.fixture(scope="module")
-def image_runner(t2i_b4, one_thread):
+def image_runner(t2i_b4):
     return NOVARunner.from_engines(t2i_b4)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(t2i_b4, t2v9, one_thread):
-    """{"nova": base URL, "tight": its URL, "metrics": Ray's Prometheus URL} on a local Ray instance (no
-    dashboard), 127.0.0.1 only. "tight" has a small image queue and a short video deadline."""
-    ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[serve]')")
-    from ray import serve
-
-    from serve.app import build_app
-
-    port, metrics_port = _free_port(), _free_port()
-    # 2 CPUs of logical resources for 4 replicas: the replicas ask for half a CPU each
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        common = dict(num_cpus=0.5, env={"NOVA_ORT_THREADS": "1"})
-        # 0.2 s of batch wait: on 2 shared cores (and beside another test worker) concurrent requests arrive
-        # spread out; batches still fill
-        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.2, **common), name="nova", route_prefix="/")
-        tight_deadlines = {"image": 120.0, "video": VIDEO_DEADLINE_S}
-        serve.run(build_app([str(t2i_b4), str(t2v9)], batch_wait_s=0.2, **TIGHT, **common, deadlines_s=tight_deadlines),
-                  name="tight", route_prefix="/tight")
-        yield {"nova": f"http://127.0.0.1:{port}", "tight": f"http://127.0.0.1:{port}/tight",
-               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(cluster):
-    return cluster["nova"]
 
 
 def post(url: str, body: dict, **kwargs):
@@ -172,7 +127,7 @@ def test_several_images_as_json(server, image_runner):
 
 def test_streamed_video_matches_direct_stream(server, t2v9, tmp_path):
     """Two windows (17 + 16 frames) arrive as separate events, bit for bit the runner's stream; the MP4 endpoint
-    encodes the same frames. (The progress events between them: tests/test_serve_web.py.)"""
+    encodes the same frames. (The progress events between them: test_web.py.)"""
     runner = NOVARunner.from_engines(t2v9)
     direct = list(runner.stream("waves on a beach", seed=3, **VIDEO))
     with post(f"{server}/v1/videos?stream=true", {"prompt": "waves on a beach", "seed": 3, **VIDEO},
@@ -189,18 +144,7 @@ def test_streamed_video_matches_direct_stream(server, t2v9, tmp_path):
 
     response = post(f"{server}/v1/videos", {"prompt": "waves on a beach", "seed": 3, "fps": 8, **VIDEO})
     assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
-    # H.264 is lossy and libx264's bitstream depends on its thread count, which differs between processes:
-    # the served video must be as close to the frames as the same frames encoded here.
-    frames = np.concatenate(direct, axis=1)[0]
-    (tmp_path / "served.mp4").write_bytes(response.content)
-    served, here = read_mp4(tmp_path / "served.mp4"), read_mp4(write_mp4(frames, tmp_path / "direct.mp4", fps=8))
-    assert served.shape == here.shape == frames.shape
-    served_psnr, here_psnr = _psnr(served, frames), _psnr(here, frames)
-    assert served_psnr > here_psnr - 0.5, (served_psnr, here_psnr)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255 ** 2 / np.mean((a.astype(np.float64) - b) ** 2)))
+    assert_encodes(response.content, np.concatenate(direct, axis=1)[0], 8, tmp_path)
 
 
 def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner):

@@ -2,8 +2,8 @@
 `openai` client, image progress streams, video jobs (polled, cancelled), image-to-video over HTTP, and the
 web demo at / in a real browser (Debian's chromium driven by playwright).
 
-One Ray instance and one application per module, over the engine folders tests/test_serve.py serves (a
-batch-4 tiny-t2i and a tiny-t2v with a 9-latent cache). Every served result is compared with a direct
+On the package's Ray instance (conftest.py: the "nova" application over a batch-4 tiny-t2i folder and a
+tiny-t2v folder with a 9-latent cache, shared with test_api.py). Every served result is compared with a direct
 NOVARunner call.
 """
 
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -27,6 +26,7 @@ import requests
 from PIL import Image
 
 from runtime import NOVARunner
+from tests.service.apps import MAX_JOBS, assert_encodes
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
@@ -43,35 +43,13 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def image_runner(t2i_b4_engines, one_thread):
+def image_runner(t2i_b4_engines):
     return NOVARunner.from_engines(t2i_b4_engines)
 
 
 @pytest.fixture(scope="module")
-def video_runner(t2v_engines, one_thread):
+def video_runner(t2v_engines):
     return NOVARunner.from_engines(t2v_engines)
-
-
-@pytest.fixture(scope="module")
-def server(t2i_b4_engines, t2v_engines, one_thread):
-    """Base URL of the application on a local Ray instance (2 CPUs, no dashboard), 127.0.0.1 only."""
-    ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[serve]')")
-    from ray import serve
-
-    from serve.app import build_app
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app([str(t2i_b4_engines), str(t2v_engines)], env={"NOVA_ORT_THREADS": "1"}, max_jobs=4,
-                            job_keep_s=600), name="nova", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def post(url: str, body: dict, **kwargs) -> requests.Response:
@@ -228,7 +206,7 @@ def test_video_stream_interleaves_progress_with_its_windows(server, video_runner
 # -- video jobs ----------------------------------------------------------------------------------------------------
 
 
-def test_video_job_polled_to_done_equals_the_blocking_call(server):
+def test_video_job_polled_to_done_gives_the_blocking_calls_video(server, video_runner, tmp_path):
     body = {"prompt": "waves on a beach", "seed": 3, "fps": 8, **VIDEO}
     created = post(f"{server}/v1/videos/jobs", body).json()
     assert created["status"] in ("queued", "running") and created["id"].startswith("video_")
@@ -238,8 +216,9 @@ def test_video_job_polled_to_done_equals_the_blocking_call(server):
     assert done["running_s"] > 0 and done["finished_at"] >= done["started_at"] >= done["created_at"]
     content = requests.get(f"{server}/v1/videos/jobs/{created['id']}/content", timeout=TIMEOUT)
     assert content.headers["content-type"] == "video/mp4"
-    # the same replica process encodes both, so the bytes are equal (libx264 is deterministic per process)
-    assert content.content == post(f"{server}/v1/videos", body).content
+    frames = video_runner(body["prompt"], seed=3, **VIDEO).frames[0]
+    assert_encodes(content.content, frames, 8, tmp_path)  # the frames of the direct call, as the blocking call's
+    assert_encodes(post(f"{server}/v1/videos", body).content, frames, 8, tmp_path)
     gone = requests.delete(f"{server}/v1/videos/jobs/{created['id']}", timeout=TIMEOUT)
     assert gone.json()["status"] == "done"
     assert requests.get(f"{server}/v1/videos/jobs/{created['id']}", timeout=TIMEOUT).status_code == 404
@@ -271,15 +250,15 @@ def test_job_refusals(server):
 
 
 def test_jobs_are_bounded_in_number(server):
-    """The app holds max_jobs=4 jobs; finished ones count until deleted or expired."""
+    """The app holds MAX_JOBS jobs; finished ones count until deleted or expired."""
     created, answer = [], None
-    for _ in range(5):
+    for _ in range(MAX_JOBS + 1):
         answer = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", "seed": 0, **VIDEO})
         if answer.status_code != 200:
             break
         created.append(answer.json()["id"])
     assert answer.status_code == 429 and answer.json()["error"] == (
-        "the service holds its 4 jobs already (finished ones are kept 600 s, or until deleted); retry later")
+        f"the service holds its {MAX_JOBS} jobs already (finished ones are kept 600 s, or until deleted); retry later")
     for job_id in created:
         forget(server, job_id)
     room = post(f"{server}/v1/videos/jobs", {"prompt": "a wave", **VIDEO})

@@ -1,0 +1,36 @@
+"""What the package's applications are (conftest.py deploys them; the tests read their bounds from here), and
+the checks the tests share."""
+
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from runtime.media import read_mp4, write_mp4
+
+# The "tight" app's video deadline, well below the too-long video of test_api's deadline test (over 12 s here).
+# The "nova" app keeps the default deadlines: its ordinary ~1 s videos hit 8 and 12 s ones in loaded CI-like runs.
+VIDEO_DEADLINE_S = 4.0
+TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
+MAX_JOBS = 4  # the "nova" app's bound on video jobs (test_web fills it)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def assert_encodes(content: bytes, frames: np.ndarray, fps: int, folder: Path) -> None:
+    """A served mp4 holds `frames` (uint8 [T, H, W, 3]) as closely as the same frames encoded here. Not byte for
+    byte: libx264 here gives another bitstream for the same frames in a few percent of encodes, whatever its
+    thread count and timestamps (measured), so two encodes are compared by their PSNR to the frames."""
+    (folder / "served.mp4").write_bytes(content)
+    served, here = read_mp4(folder / "served.mp4"), read_mp4(write_mp4(frames, folder / "here.mp4", fps=fps))
+    assert served.shape == here.shape == frames.shape
+    served_psnr, here_psnr = _psnr(served, frames), _psnr(here, frames)
+    assert served_psnr > here_psnr - 0.5, (served_psnr, here_psnr)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255 ** 2 / np.mean((a.astype(np.float64) - b) ** 2)))
