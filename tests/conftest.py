@@ -12,9 +12,9 @@ from filelock import FileLock
 from runtime.checkpoint import synthesize
 
 # Tiny models are dominated by per-op overhead; one thread is faster and immune to OpenMP spinning when the two
-# cores of a CI machine are shared by two test workers. ONNX Runtime too (the backend reads NOVA_ORT_THREADS, and
-# subprocesses inherit it): with its default, a pool over every core that spins between ops, two ONNX Runtime
-# files side by side took twice as long (measured).
+# cores of a CI machine are shared by two test workers (a worker left at two torch threads doubled the times of
+# its later tests, measured). ONNX Runtime too (the backend reads NOVA_ORT_THREADS, and subprocesses inherit
+# it): its default is a pool over every core that spins between ops.
 torch.set_num_threads(1)
 os.environ["NOVA_ORT_THREADS"] = "1"
 
