@@ -2,8 +2,9 @@
 
 Starts a local Ray instance (on the CPUs this process may run on), or joins the cluster named by RAY_ADDRESS
 (e.g. `ray start --head` first), and serves until stopped. Every engine folder is verified, and the plan checked
-against the cluster's CPUs and GPUs, before any replica starts (a local instance's CPUs before it starts). Exit status: 0 stopped by SIGTERM, 2 refused, 130 interrupted
-(Ctrl-C). The web demo is at / (http://127.0.0.1:8000/ by default).
+against the cluster's CPUs and GPUs, before any replica starts (a local instance's CPUs before it starts).
+Exit status: 0 stopped by SIGTERM, 2 refused, 130 interrupted (Ctrl-C). The web demo is at /
+(http://127.0.0.1:8000/ by default).
 """
 
 from __future__ import annotations
