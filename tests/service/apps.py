@@ -1,12 +1,18 @@
 """What the package's applications are (conftest.py deploys them; the tests read their bounds from here), and
 the checks the tests share."""
 
+import io
+import json
 import socket
 from pathlib import Path
 
 import numpy as np
+import requests
+from PIL import Image
 
 from runtime.media import read_mp4, write_mp4
+
+TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
 
 # The "tight" app's video deadline, well below the too-long video of test_api's deadline test (over 12 s here).
 # The "nova" app keeps the default deadlines: its ordinary ~1 s videos hit 8 and 12 s ones in loaded CI-like runs.
@@ -19,6 +25,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def post(url: str, body: dict, **kwargs) -> requests.Response:
+    return requests.post(url, json=body, **{"timeout": TIMEOUT, **kwargs})
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def events(response: requests.Response) -> list[tuple[str, dict]]:
+    """The server-sent events of a response: (name, data) each."""
+    blocks = response.text.strip().split("\n\n")
+    return [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
+            for b in blocks]
 
 
 def assert_encodes(content: bytes, frames: np.ndarray, fps: int, folder: Path) -> None:

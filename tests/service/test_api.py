@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
-import json
 import time
 
 import numpy as np
@@ -18,11 +16,10 @@ import torch
 
 from runtime import NOVARunner
 from runtime.draws import NumpyDraws, PerRowDraws, RandomDraws
-from tests.service.apps import TIGHT, VIDEO_DEADLINE_S, assert_encodes
+from tests.service.apps import TIGHT, TIMEOUT, VIDEO_DEADLINE_S, assert_encodes, events, pixels, post
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
-TIMEOUT = 60  # seconds, any one HTTP exchange
 # the longest legal image request on the tiny engines (16 tokens, 1000 diffusion steps, the cap): 5-9 s on the
 # 2 shared cores, in mask steps of 0.3-0.6 s; a video of 9 latents at the cap takes twice that at least
 LONG = {"num_inference_steps": 16, "num_diffusion_steps": 1000}
@@ -41,19 +38,6 @@ def t2v9(t2v_engines):
 @pytest.fixture(scope="module")
 def image_runner(t2i_b4):
     return NOVARunner.from_engines(t2i_b4)
-
-
-def post(url: str, body: dict, **kwargs):
-    import requests
-
-    return requests.post(url, data=json.dumps(body), headers={"content-type": "application/json"},
-                         **{"timeout": TIMEOUT, **kwargs})
-
-
-def png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def stats(folder) -> dict:
@@ -95,7 +79,7 @@ def test_health_and_models(server):
 def test_image_matches_direct_call(server, image_runner):
     response = post(f"{server}/v1/images", {"prompt": "a lighthouse at dusk", "seed": 42, **STEPS})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text
-    np.testing.assert_array_equal(png(response.content), image_runner("a lighthouse at dusk", seed=42, **STEPS).images[0])
+    np.testing.assert_array_equal(pixels(response.content), image_runner("a lighthouse at dusk", seed=42, **STEPS).images[0])
 
 
 def test_official_options_of_the_runner_are_served(server, image_runner):
@@ -103,7 +87,7 @@ def test_official_options_of_the_runner_are_served(server, image_runner):
     response = post(f"{server}/v1/images", body)
     assert response.status_code == 200, response.text
     direct = image_runner("a lighthouse at dusk", seed=7, guidance_trunc=600.0, flow_shift=3.0, **STEPS).images[0]
-    np.testing.assert_array_equal(png(response.content), direct)
+    np.testing.assert_array_equal(pixels(response.content), direct)
     assert not np.array_equal(direct, image_runner("a lighthouse at dusk", seed=7, **STEPS).images[0])
 
 
@@ -111,7 +95,7 @@ def test_negative_prompt_list_of_one_is_served(server, image_runner):
     """A list of one negative prompt for one prompt is what the runner takes; it was refused (issue 19, defect 2)."""
     response = post(f"{server}/v1/images", {"prompt": "a", "negative_prompt": ["x"], "seed": 3, **STEPS})
     assert response.status_code == 200, response.text
-    np.testing.assert_array_equal(png(response.content),
+    np.testing.assert_array_equal(pixels(response.content),
                                   image_runner("a", negative_prompt=["x"], seed=3, **STEPS).images[0])
 
 
@@ -120,7 +104,7 @@ def test_several_images_as_json(server, image_runner):
     body = {"prompt": "a red kite", "seed": 5, "num_images_per_prompt": 2, "negative_prompt": "blur", **STEPS}
     response = post(f"{server}/v1/images", body)
     assert response.status_code == 200
-    served = [png(base64.b64decode(image)) for image in response.json()["images"]]
+    served = [pixels(base64.b64decode(image)) for image in response.json()["images"]]
     direct = image_runner("a red kite", seed=5, num_images_per_prompt=2, negative_prompt="blur", **STEPS).images
     np.testing.assert_array_equal(np.stack(served), direct)
 
@@ -133,11 +117,9 @@ def test_streamed_video_matches_direct_stream(server, t2v9, tmp_path):
     with post(f"{server}/v1/videos?stream=true", {"prompt": "waves on a beach", "seed": 3, **VIDEO},
               stream=True) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
-                  for block in response.text.strip().split("\n\n")]
-    events = [(name, data) for name, data in events if name != "progress"]
-    assert [name for name, _ in events] == ["window", "window", "done"] and events[-1][1] == {"frames": 33}
-    for (_, window), expected in zip(events, direct):
+        received = [(name, data) for name, data in events(response) if name != "progress"]
+    assert [name for name, _ in received] == ["window", "window", "done"] and received[-1][1] == {"frames": 33}
+    for (_, window), expected in zip(received, direct):
         assert window["shape"] == list(expected.shape)
         frames = np.frombuffer(base64.b64decode(window["frames"]), np.uint8).reshape(window["shape"])
         np.testing.assert_array_equal(frames, expected)
@@ -161,7 +143,7 @@ def test_load_batches_and_every_response_is_correct(server, t2i_b4, image_runner
     calls = after["runner_calls"] - before["runner_calls"]
     assert calls <= count / 3, f"{calls} runner calls for {count} requests"
     for body, response in zip(bodies, responses):
-        np.testing.assert_array_equal(png(response.content),
+        np.testing.assert_array_equal(pixels(response.content),
                                       image_runner(body["prompt"], seed=body["seed"], **STEPS).images[0])
 
 
@@ -209,7 +191,7 @@ def test_incompatible_requests_are_not_mixed(server, image_runner):
     assert [r.status_code for r in responses] == [200, 400, 200, 200]
     for body, response in zip(bodies, responses):
         if response.status_code == 200:
-            np.testing.assert_array_equal(png(response.content), image_runner(**body).images[0])
+            np.testing.assert_array_equal(pixels(response.content), image_runner(**body).images[0])
 
 
 def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
@@ -242,11 +224,11 @@ def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
         assert "replica serving this request stopped" in response.json()["error"]
     else:
         assert response.status_code == 200
-        np.testing.assert_array_equal(png(response.content), image_runner(**long).images[0])
+        np.testing.assert_array_equal(pixels(response.content), image_runner(**long).images[0])
     body = {"prompt": "after the restart", "seed": 10, **STEPS}
     response = post(f"{server}/v1/images", body)
     assert response.status_code == 200
-    np.testing.assert_array_equal(png(response.content), image_runner("after the restart", seed=10, **STEPS).images[0])
+    np.testing.assert_array_equal(pixels(response.content), image_runner("after the restart", seed=10, **STEPS).images[0])
 
 
 def _timed_post(url: str, body: dict, **kwargs):
@@ -265,7 +247,7 @@ def test_disconnected_client_frees_the_replica_within_a_mask_step(server, image_
     response, seconds = _timed_post(f"{server}/v1/images", {"prompt": "next", "seed": 2, **STEPS})
     assert response.status_code == 200
     assert seconds < 4, f"the next request took {seconds:.1f} s"  # at most a mask step of the long one, and its own
-    np.testing.assert_array_equal(png(response.content), image_runner("next", seed=2, **STEPS).images[0])
+    np.testing.assert_array_equal(pixels(response.content), image_runner("next", seed=2, **STEPS).images[0])
 
 
 def test_closed_stream_stops_its_generation(server, t2v9):
@@ -338,7 +320,7 @@ def test_full_queue_gets_503_at_once_and_the_rest_is_exact(cluster, image_runner
         direct = image_runner([b["prompt"] for b in bodies], draws=PerRowDraws.from_seeds([b["seed"] for b in bodies]),
                               **steps).images
         for response, image in zip(accepted[start:start + 4], direct):
-            np.testing.assert_array_equal(png(response.content), image)
+            np.testing.assert_array_equal(pixels(response.content), image)
 
 
 def test_prometheus_export_counts_requests_and_cancellations(cluster):

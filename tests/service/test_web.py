@@ -26,7 +26,7 @@ import requests
 from PIL import Image
 
 from runtime import NOVARunner
-from tests.service.apps import MAX_JOBS, assert_encodes
+from tests.service.apps import MAX_JOBS, TIMEOUT, assert_encodes, events, pixels, post
 
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
@@ -35,7 +35,6 @@ VIDEO = dict(max_latent_length=9, num_inference_steps=4, num_diffusion_steps=4)
 LONG_VIDEO = dict(max_latent_length=9, num_inference_steps=64, num_diffusion_steps=200)
 # The longest image the tiny engines take: a mask step per token (16), each of 1000 diffusion steps (the cap).
 LONG_IMAGE = dict(num_inference_steps=64, num_diffusion_steps=1000)
-TIMEOUT = 60  # seconds, any one HTTP exchange or polling loop
 CHROMIUM = "/usr/bin/chromium"
 # NOVA_SCREENSHOTS=serve/demo: the browser tests save the screenshots of serve/README.md there
 SCREENSHOTS = os.environ.get("NOVA_SCREENSHOTS")
@@ -50,21 +49,6 @@ def image_runner(t2i_b4_engines):
 @pytest.fixture(scope="module")
 def video_runner(t2v_engines):
     return NOVARunner.from_engines(t2v_engines)
-
-
-def post(url: str, body: dict, **kwargs) -> requests.Response:
-    return requests.post(url, json=body, timeout=TIMEOUT, **kwargs)
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)))
-
-
-def events(response: requests.Response) -> list[tuple[str, dict]]:
-    """The server-sent events of a response: (name, data) each."""
-    blocks = response.text.strip().split("\n\n")
-    return [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
-            for b in blocks]
 
 
 def eventually(read: Callable[[], T], until: Callable[[T], bool], what: str) -> T:
