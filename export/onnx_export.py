@@ -119,6 +119,7 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
         exported = time.perf_counter()
         _deduplicate_weights(raw)
         _relayout(raw, path)
+        _declare_output_shapes(spec, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     check_declaration(spec, path)
@@ -140,6 +141,23 @@ def _deduplicate_weights(raw: Path) -> None:
     for file in folder.iterdir():
         file.replace(raw.parent / file.name)
     folder.rmdir()
+
+
+def _declare_output_shapes(spec: GraphSpec, path: Path) -> None:
+    """Write the declared output shapes into the graph: the TorchScript exporter leaves every output dim it cannot
+    prove static symbolic (spatial's z_selected, the KV cache), and a backend binds fixed output buffers (CUDA
+    graphs) only for outputs whose graph shape is static. The dynamo exporter already writes them; re-saved only
+    when changed (the graph without its weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for declared, value in zip(spec.outputs, model.graph.output):
+        for d, s in zip(value.type.tensor_type.shape.dim, declared.shape):
+            if isinstance(s, int) and d.dim_value != s:
+                d.dim_value, changed = s, True  # one of dim_value / dim_param: setting one clears the other
+            elif isinstance(s, str) and d.dim_param != s:
+                d.dim_param, changed = s, True
+    if changed:
+        onnx.save_model(model, str(path))
 
 
 def _relayout(raw: Path, path: Path) -> None:

@@ -85,7 +85,14 @@ def t2i_pipe(tiny_t2i):
     return ReferencePipeline.from_pretrained(tiny_t2i)
 
 
-def _engine_folder(checkpoint, out, profile, precision="fp32", exporter="dynamo"):
+# Exporters: the product's default, dynamo, is ~5x slower to export (t2v9: 41 s against 9 s on 2 cores), so it builds
+# two folders: t2v9, which holds every kind of graph (tests/test_export.py checks each one), and t2i-fp16, the
+# embedded default's build (`make run`). TorchScript (_engines' default) builds the others, where the tests are about
+# the runtime, serving or guidance; its graphs declare the same static output shapes (CUDA-graph capture needs them).
+DYNAMO = "dynamo"
+
+
+def _engine_folder(checkpoint, out, profile, precision, exporter):
     """An ONNX Runtime engine folder (validated), as export/build_engines.py writes it."""
     from export.build import BuildOptions, build
 
@@ -94,7 +101,8 @@ def _engine_folder(checkpoint, out, profile, precision="fp32", exporter="dynamo"
     return out
 
 
-def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", exporter: str = "dynamo", **profile):
+def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", exporter: str = "torchscript",
+             **profile):
     """An fp32 folder whose diffusion loop is unrolled for 4 steps, the num_diffusion_steps the tests request:
     they run the one-launch-per-mask-step path a deployment runs at its built count, and the export of 4
     unrolled steps takes ~3 s against ~24 s for the default 25."""
@@ -105,12 +113,6 @@ def _engines(tmp_path_factory, checkpoint, name: str, precision: str = "fp32", e
                    lambda folder: _engine_folder(checkpoint, folder, BuildProfile(**profile), precision, exporter))
 
 
-# Exporters: dynamo (the default) builds the folders whose graphs tests/test_export.py checks one by one and
-# whose forms the runtime relies on (static output shapes for CUDA graphs, fused attention): t2i, t2v9, t2i-fp16.
-# TorchScript, ~5x faster to export, builds the others, where the tests are about serving or guidance logic.
-TORCHSCRIPT = "torchscript"
-
-
 @pytest.fixture(scope="session")
 def t2i_engines(tiny_t2i, tmp_path_factory):
     return _engines(tmp_path_factory, tiny_t2i, "t2i", min_mask_steps=8)
@@ -118,29 +120,29 @@ def t2i_engines(tiny_t2i, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def t2i_b4_engines(tiny_t2i, tmp_path_factory):
-    """Four prompts per call: the text and VAE batches are dynamic dims; serving batches into it.
-    TorchScript-exported (TORCHSCRIPT says why)."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-b4", exporter=TORCHSCRIPT, prompts=4, min_mask_steps=8)
+    """Four prompts per call: the text and VAE batches are dynamic dims; serving batches into it."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-b4", prompts=4, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_engines(tiny_t2v, tmp_path_factory):
     """A 9-latent KV cache: a video of 9 latents decodes in two windows."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v9", min_mask_steps=4, max_latent_length=9)
+    return _engines(tmp_path_factory, tiny_t2v, "t2v9", exporter=DYNAMO, min_mask_steps=4,
+                    max_latent_length=9)
 
 
 @pytest.fixture(scope="session")
 def t2i_third_pass_engines(tiny_t2i, tmp_path_factory):
     """Every official option: three guidance row blocks (on an image checkpoint: no motion_flow, so raw_bos
-    follows frame_position) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", exporter=TORCHSCRIPT, third_pass=True, guidance_renorm=True, min_mask_steps=8)
+    follows frame_position) and the whole-grid diffusion loop of guidance_renorm."""
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-third", third_pass=True, guidance_renorm=True, min_mask_steps=8)
 
 
 @pytest.fixture(scope="session")
 def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
     """Every official option: three guidance row blocks (image_guidance_scale and spatiotemporal_guidance_scale,
-    and plain CFG) and the whole-grid diffusion loop of guidance_renorm. TorchScript-exported."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", exporter=TORCHSCRIPT, third_pass=True, guidance_renorm=True, min_mask_steps=4,
+    and plain CFG) and the whole-grid diffusion loop of guidance_renorm."""
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, guidance_renorm=True, min_mask_steps=4,
                     max_latent_length=3)
 
 
@@ -149,4 +151,4 @@ def t2i_fp16_engines(tiny_t2i, tmp_path_factory):
     """The embedded default's build (`make run`): fp16, the default profile but for the diffusion loop, unrolled
     for 4 steps like the other fixtures (its default 25 would add ~20 s of export; requests at 25 steps take
     the per-step graphs)."""
-    return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16")
+    return _engines(tmp_path_factory, tiny_t2i, "t2i-fp16", "fp16", DYNAMO)

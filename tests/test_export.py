@@ -1,4 +1,5 @@
-"""Every graph exported (dynamo, the default exporter) and run in ONNX Runtime against its torch module.
+"""Every graph exported and run in ONNX Runtime against its torch module: dynamo (the default exporter) on the video
+folder, which holds every kind of graph, TorchScript on the image folder (tests/conftest.py says why).
 
 Tiny checkpoints, fp32 builds of every graph (image and video), plus an fp16 build whose dtypes are
 audited. The builds themselves already validate; the tests re-check with fresh inputs and at the
@@ -35,7 +36,7 @@ def _build(checkpoint, out, precision="fp32", **kwargs):
 def t2i_build(tiny_t2i, t2i_engines):
     """One prompt, CFG on: the text encoder's batch is a dynamic dim (checked at min/opt/max). The session's
     folder, reused by the same Builder."""
-    return _build(tiny_t2i, t2i_engines, profile=BuildProfile(min_mask_steps=8, diffusion_steps=4))
+    return _build(tiny_t2i, t2i_engines, profile=BuildProfile(min_mask_steps=8, diffusion_steps=4), exporter="torchscript")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,14 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     manifest = load_manifest(builder.options.out)
     for name, spec in builder.specs.items():
         entry = manifest["components"][name]
-        assert entry["validation"]["passed"] is True and entry["export"]["exporter"] == "dynamo"
+        assert entry["validation"]["passed"] is True
+        assert entry["export"]["exporter"] == ("dynamo" if which == "t2v_build" else "torchscript")
         onnx_path = builder.options.out / f"{name}.onnx"
         check_declaration(spec, onnx_path)
+        outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
+        # the declared output shapes, static sizes and dim names alike (TorchScript leaves its own symbols)
+        assert [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in outputs] == [
+            list(t.shape) for t in spec.outputs], name
         # fresh inputs (another seed than the build's), every dynamic dim at min/opt/max
         report = validate_graph(spec, spec.build(), onnx_path, seed=100)
         for output, error in report["outputs"].items():
