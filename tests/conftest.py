@@ -85,10 +85,11 @@ def t2i_pipe(tiny_t2i):
     return ReferencePipeline.from_pretrained(tiny_t2i)
 
 
-# Exporters: the product's default, dynamo, is ~5x slower to export (t2v9: 41 s against 9 s on 2 cores), so it builds
-# two folders: t2v9, which holds every kind of graph (tests/test_export.py checks each one), and t2i-fp16, the
-# embedded default's build (`make run`). TorchScript (_engines' default) builds the others, where the tests are about
-# the runtime, serving or guidance; its graphs declare the same static output shapes (CUDA-graph capture needs them).
+# Exporters: the product's default, dynamo, is ~5x slower to export (a tiny video folder: 40 s against 9 s on 2 cores),
+# so it builds two folders: t2v-third, which holds every kind of graph in its fullest form (three guidance row blocks;
+# tests/test_export.py checks each graph), and t2i-fp16, the embedded default's build (`make run`). TorchScript
+# (_engines' default) builds the others, where the tests are about the runtime, serving or guidance; its graphs
+# declare the same static output shapes (CUDA-graph capture needs them).
 DYNAMO = "dynamo"
 
 
@@ -127,8 +128,7 @@ def t2i_b4_engines(tiny_t2i, tmp_path_factory):
 @pytest.fixture(scope="session")
 def t2v_engines(tiny_t2v, tmp_path_factory):
     """A 9-latent KV cache: a video of 9 latents decodes in two windows."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v9", exporter=DYNAMO, min_mask_steps=4,
-                    max_latent_length=9)
+    return _engines(tmp_path_factory, tiny_t2v, "t2v9", min_mask_steps=4, max_latent_length=9)
 
 
 @pytest.fixture(scope="session")
@@ -142,8 +142,8 @@ def t2i_third_pass_engines(tiny_t2i, tmp_path_factory):
 def t2v_third_pass_engines(tiny_t2v, tmp_path_factory):
     """Every official option: three guidance row blocks (image_guidance_scale and spatiotemporal_guidance_scale,
     and plain CFG) and the whole-grid diffusion loop of guidance_renorm."""
-    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", third_pass=True, guidance_renorm=True, min_mask_steps=4,
-                    max_latent_length=3)
+    return _engines(tmp_path_factory, tiny_t2v, "t2v-third", exporter=DYNAMO, third_pass=True, guidance_renorm=True,
+                    min_mask_steps=4, max_latent_length=3)
 
 
 @pytest.fixture(scope="session")

@@ -112,13 +112,15 @@ def check_png(path: Path) -> None:
 
 
 def test_latency_script_writes_real_reports(tiny_t2i, tmp_path):
-    run_script("latency.py", "--checkpoint", str(tiny_t2i), "--repetitions", "1", "--warmup", "1",
-               "--engines-root", str(tmp_path / "engines"), "--out", str(tmp_path / "out"), *SMOKE)
+    # the torch runner target is smoked by the gpu.sh dry run (each target is a process importing torch: ~7 s)
+    run_script("latency.py", "--checkpoint", str(tiny_t2i), "--targets", "reference:fp32,onnxruntime:fp32",
+               "--repetitions", "1", "--warmup", "1", "--engines-root", str(tmp_path / "engines"),
+               "--out", str(tmp_path / "out"), *SMOKE)
     report = json.loads((tmp_path / "out" / "latency-tiny-t2i.json").read_text())
     env = report["environment"]
     assert env["device"] == "cpu" and env["versions"]["torch"] and env["command"].count("latency.py") == 1
     assert env["date"] and env["git_commit"]
-    assert [t["target"] for t in report["targets"]] == ["reference:fp32", "torch:fp32", "onnxruntime:fp32"]
+    assert [t["target"] for t in report["targets"]] == ["reference:fp32", "onnxruntime:fp32"]
     assert report["matmul_rate"]["fp32"]["flops_per_s"] > 1e8  # a measured rate, not a placeholder
     # FLOPs of this request: the formulas of benchmarks/flops.py (checked against NOVA_SPEC above)
     expected = flops.for_checkpoint(tiny_t2i, steps=4, diffusion_steps=2, frames=1, cfg=True,
@@ -137,7 +139,7 @@ def test_latency_script_writes_real_reports(tiny_t2i, tmp_path):
         assert target["checks"]["pixels_shape"] == [1, 64, 64, 3]
         assert target["throughput"]["spatial"]["useful_flops_per_s"] == pytest.approx(
             report["flops"]["useful"]["spatial"] / stages["spatial"])
-    runner = report["targets"][2]
+    runner = report["targets"][1]
     # built for the request's 2 diffusion steps: one denoise_loop launch per mask step
     assert runner["graph_calls"]["denoise_loop"]["calls"] == runner["graph_calls"]["spatial"]["calls"] == 4
     assert "denoise" not in runner["graph_calls"]

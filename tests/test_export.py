@@ -1,5 +1,6 @@
-"""Every graph exported and run in ONNX Runtime against its torch module: dynamo (the default exporter) on the video
-folder, which holds every kind of graph, TorchScript on the image folder (tests/conftest.py says why).
+"""Every graph exported and run in ONNX Runtime against its torch module: dynamo (the default exporter) on a video
+folder with three guidance row blocks, which holds every kind of graph, TorchScript on the image folder
+(tests/conftest.py says why).
 
 Tiny checkpoints, fp32 builds of every graph (image and video), plus an fp16 build whose dtypes are
 audited. The builds themselves already validate; the tests re-check with fresh inputs and at the
@@ -40,9 +41,12 @@ def t2i_build(tiny_t2i, t2i_engines):
 
 
 @pytest.fixture(scope="module")
-def t2v_build(tiny_t2v, t2v_engines):
-    """The session's video engine folder (built by the same Builder), reused: the rows say so."""
-    return _build(tiny_t2v, t2v_engines, profile=BuildProfile(min_mask_steps=4, max_latent_length=9, diffusion_steps=4))
+def t2v_build(tiny_t2v, t2v_third_pass_engines):
+    """The session's dynamo-exported video folder (three guidance row blocks, a 3-latent cache; built by the same
+    Builder), reused: the rows say so."""
+    profile = BuildProfile(min_mask_steps=4, max_latent_length=3, diffusion_steps=4, third_pass=True,
+                           guidance_renorm=True)
+    return _build(tiny_t2v, t2v_third_pass_engines, profile=profile)
 
 
 @pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
@@ -75,7 +79,7 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
     if which == "t2i_build":
         assert sizes == [{"text_batch": 1}, {"text_batch": 2}]  # min (opt = max): one prompt and its negative
     else:  # the video decoder's window is dynamic: 2..min(5, T_max)
-        assert manifest["components"]["vae_decoder"]["validation"]["sizes"] == [{"window": 2}, {"window": 5}]
+        assert manifest["components"]["vae_decoder"]["validation"]["sizes"] == [{"window": 2}, {"window": 3}]
 
 
 def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_bucket(t2i_build):
