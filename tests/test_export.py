@@ -33,20 +33,25 @@ def _build(checkpoint, out, precision="fp32", **kwargs):
     return builder, rows, messages
 
 
+def _rebuild(checkpoint, folder):
+    """A session folder run through the Builder again with the options it was built with (its manifest): reused."""
+    manifest = load_manifest(folder)
+    return _build(checkpoint, folder, manifest["precision"], profile=BuildProfile(**manifest["profile"]),
+                  exporter=manifest["components"]["spatial"]["export"]["exporter"])
+
+
 @pytest.fixture(scope="module")
 def t2i_build(tiny_t2i, t2i_engines):
     """One prompt, CFG on: the text encoder's batch is a dynamic dim (checked at min/opt/max). The session's
     folder, reused by the same Builder."""
-    return _build(tiny_t2i, t2i_engines, profile=BuildProfile(min_mask_steps=8, diffusion_steps=4), exporter="torchscript")
+    return _rebuild(tiny_t2i, t2i_engines)
 
 
 @pytest.fixture(scope="module")
 def t2v_build(tiny_t2v, t2v_third_pass_engines):
     """The session's dynamo-exported video folder (three guidance row blocks, a 3-latent cache; built by the same
     Builder), reused: the rows say so."""
-    profile = BuildProfile(min_mask_steps=4, max_latent_length=3, diffusion_steps=4, third_pass=True,
-                           guidance_renorm=True)
-    return _build(tiny_t2v, t2v_third_pass_engines, profile=profile)
+    return _rebuild(tiny_t2v, t2v_third_pass_engines)
 
 
 @pytest.mark.parametrize("which", ["t2i_build", "t2v_build"])
@@ -139,7 +144,7 @@ def _op_input_dtypes(path) -> dict[str, collections.Counter]:
 
 def test_fp16_graph_dtypes_follow_the_precision_policy(tiny_t2i, t2i_fp16_engines):
     folder = t2i_fp16_engines
-    builder, rows, _ = _build(tiny_t2i, folder, precision="fp16", profile=BuildProfile(diffusion_steps=4))  # reused
+    builder, rows, _ = _rebuild(tiny_t2i, folder)
     labels = {r.component: r.precision for r in rows}
     assert labels["text_encoder"] == "fp32 (Phi-2 attention overflows in fp16)" and labels["spatial"] == "fp16"
     assert {r.status for r in rows} == {"reused"}

@@ -137,6 +137,7 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
     import shutil
 
     from export.build import BuildOptions, build
+    from export.manifest import load_manifest
     from runtime.graphs.profile import BuildProfile
     from runtime.runner import NOVARunner
     from runtime.schedules import mask_schedule
@@ -144,9 +145,11 @@ def test_tensorrt_runner_on_a_simulated_gpu_computes_what_onnxruntime_does(tiny_
 
     monkeypatch.setenv("NOVA_ORT_THREADS", "1")  # both sides on one thread: the same rounding
     gpu = simulated_gpu.install(monkeypatch)
-    folder = shutil.copytree(t2i_engines, tmp_path / "trt")  # its ONNX graphs (same exporter) are reused, plans added
-    build(BuildOptions(checkpoint=tiny_t2i, out=folder, precision="fp32", backend="tensorrt", exporter="torchscript",
-                       profile=BuildProfile(min_mask_steps=8, diffusion_steps=4), validate=False, progress=False),
+    folder = shutil.copytree(t2i_engines, tmp_path / "trt")  # its ONNX graphs are reused, plans added
+    built = load_manifest(folder)  # the same options, so that the ONNX graphs are reused
+    build(BuildOptions(checkpoint=tiny_t2i, out=folder, precision=built["precision"], backend="tensorrt",
+                       exporter=built["components"]["spatial"]["export"]["exporter"],
+                       profile=BuildProfile(**built["profile"]), validate=False, progress=False),
           report=lambda message: None)
     runner = NOVARunner.from_engines(folder)  # auto: plans, TensorRT and no device given -> TensorRT on cuda
     assert runner.backend.name == "tensorrt"
