@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from export.manifest import atomic_write_bytes
-from runtime.graphs.contract import GraphSpec
+
+if TYPE_CHECKING:  # torch-free at import: build_engines.py checks TensorRT before importing torch
+    from runtime.graphs.contract import GraphSpec
 
 TIMING_CACHE_NAME = "timing.cache"
 

@@ -269,9 +269,9 @@ def test_bf16_graphs_that_onnx_runtime_cpu_cannot_run_are_recorded_not_silently_
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
-def _cli(*args, cwd=ROOT):
+def _cli(*args, cwd=ROOT, pythonpath=""):
     return subprocess.run([sys.executable, "export/build_engines.py", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+                          timeout=300, env={**os.environ, "PYTHONPATH": pythonpath})
 
 
 def test_cli_help_reads_well():
@@ -284,7 +284,10 @@ def test_cli_help_reads_well():
 
 @pytest.mark.skipif(TRT_OK, reason="TensorRT is importable here")
 def test_cli_backend_tensorrt_without_tensorrt_is_one_sentence_and_nonzero(tiny_t2i, tmp_path):
-    result = _cli("--checkpoint", str(tiny_t2i), "--backend", "tensorrt", "--out", str(tmp_path / "x"))
+    """Refused before torch is imported (seconds): `import torch` raises in this process."""
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    result = _cli("--checkpoint", str(tiny_t2i), "--backend", "tensorrt", "--out", str(tmp_path / "x"),
+                  pythonpath=str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not available on this machine")
