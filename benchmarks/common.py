@@ -9,6 +9,7 @@ benchmark-only synthetic configurations between "tiny" (per-call overhead only) 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -102,12 +103,14 @@ def git_modified_files() -> list[str]:
 
 
 def versions() -> dict[str, str]:
+    """The installed versions, read from package metadata: importing transformers and diffusers to ask them
+    would cost a report's process ~5 s. A module is looked up by its distribution (onnxruntime-gpu too)."""
     out = {"python": platform.python_version()}
+    distributions = importlib.metadata.packages_distributions()
     for name in ("torch", "onnxruntime", "onnx", "numpy", "transformers", "diffusers"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
-        except ImportError:
+            out[name] = importlib.metadata.version(distributions.get(name, [name])[0])
+        except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     try:
         import torch

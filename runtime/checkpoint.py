@@ -35,7 +35,6 @@ from torch import nn
 
 from runtime.configs import CheckpointError, read_json, transformer_config
 from runtime.model.config import NOVAConfig
-from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
 from runtime.model.transformer import NOVATransformer3DModel
 from runtime.variants import SYNTHETIC_ROOT, VARIANT_NAMES
 
@@ -126,6 +125,8 @@ def _transformer_on_meta(folder: Path) -> tuple[nn.Module, dict[str, torch.Size]
 
 def _text_encoder_on_meta(folder: Path) -> tuple[nn.Module, dict[str, torch.Size]]:
     """Phi-2 body; the file also holds the unused `lm_head` (checked, not read)."""
+    from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict  # transformers: ~4 s to import
+
     config = phi_config_from_dict(read_json(folder / "text_encoder" / "config.json"))
     with torch.device("meta"):
         encoder = build_text_encoder(config)
@@ -306,6 +307,7 @@ def synthesize(variant: str | dict[str, Any], out: str | os.PathLike, seed: int 
 
 
 def _synthesize_into(spec: dict[str, Any], root: Path, generator: torch.Generator) -> None:
+    from runtime.model.text_encoder import build_text_encoder, phi_config_from_dict, write_synthetic_tokenizer
     from runtime.model.vae import vae_class
 
     vae_config = spec["vae"]
