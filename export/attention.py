@@ -8,8 +8,11 @@ through transformers' SDPA path). How the ONNX graph spells it is a build choice
 - `ort-mha`: ONNX Runtime's contrib op `com.microsoft.MultiHeadAttention`, one node per attention, run
   by its fused CPU kernel (and its flash / memory-efficient kernels on CUDA). ONNX Runtime only.
 
-The `ort-mha` translation keeps SDPA's semantics exactly: query [B, H, S, Dh] goes in as [B, S, H*Dh],
-keys and values stay [B, H, L, Dh] (the op's BNSH key form), a boolean mask (True = may attend) becomes
+The `ort-mha` translation keeps SDPA's semantics exactly: query [B, H, S, Dh] goes in as [B, S, H*Dh]; keys
+and values of the query's own length (self-attention) go in that way too, so that ONNX Runtime's transpose
+optimizer cancels the Transposes of the fused QKV projection against it (mid-t2i spatial at 2 threads: 182 ->
+170 ms per call, benchmarks/results/2026-12-03-cpu2-amd); longer keys and values (temporal_step's whole KV
+cache) stay [B, H, L, Dh], the op's BNSH key form, so the cache is read in place. A boolean mask (True = may attend) becomes
 the additive `attention_bias` (0 / -inf, broadcast over batch and heads, expanded to [.., S, L]), a
 float mask is that bias, `is_causal` a lower-triangular bias; the scale is passed as given (default
 1/sqrt(Dh), the op's default too). The output comes back as [B, H, S, Dh].
@@ -50,7 +53,12 @@ def _multi_head_attention(query, key, value, attn_mask=None, dropout_p: float = 
     heads, head_dim = query.shape[1], query.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise NotImplementedError("the ort-mha attention form needs static head count and head size")
-    q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
+    def sequence_major(x):  # [B, H, S, Dh] -> [B, S, H*Dh]
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
+
+    q, k, v = sequence_major(query), key, value
+    if key.shape[2] == query.shape[2]:  # self-attention: the inserted transposes cancel the projection's own
+        k, v = sequence_major(key), sequence_major(value)
     blocked = op.CastLike(op.Constant(value_float=float("-inf")), query)
     bias, rank = None, 0
     if is_causal:  # -inf above the diagonal of [S, L]
@@ -67,7 +75,7 @@ def _multi_head_attention(query, key, value, attn_mask=None, dropout_p: float = 
                          op.Constant(value_ints=[1]), axis=0)
         bias = op.Expand(bias, rows)
     attributes = {"num_heads": heads} if scale is None else {"num_heads": heads, "scale": float(scale)}
-    out = _multi_head_attention_op()(q, key, value, None, None, bias, **attributes)
+    out = _multi_head_attention_op()(q, k, v, None, None, bias, **attributes)
     shape = op.Concat(op.Shape(query, start=0, end=1), op.Shape(query, start=2, end=3),
                       op.Constant(value_ints=[heads, head_dim]), axis=0)
     return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3])

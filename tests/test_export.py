@@ -201,18 +201,21 @@ def test_16_bit_graphs_are_judged_against_fp32_when_two_16_bit_paths_drift():
 def test_ort_mha_translation_equals_sdpa_for_every_mask_the_graphs_use(tmp_path):
     """The `ort-mha` form (com.microsoft.MultiHeadAttention) against F.scaled_dot_product_attention in one graph:
     no mask (spatial decoder half), a key mask (spatial encoder half), a [B, 1, S, L] boolean mask, is_causal
-    (Phi-2) and a float mask, with keys longer than queries (temporal_step reads the whole cache)."""
+    (Phi-2) and a float mask, with keys longer than queries (temporal_step reads the whole cache: the op's BNSH
+    key form) and of the queries' length (self-attention: keys and values sequence-major like the query)."""
     import onnxruntime as ort
     from torch.nn import functional as F
 
     from export.attention import translation_table
 
     class Attentions(torch.nn.Module):
-        def forward(self, q, k, v, keys, full, bias):
+        def forward(self, q, k, v, keys, full, bias, k_self, v_self, keys_self):
             return (F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=keys),
                     F.scaled_dot_product_attention(q, k, v, attn_mask=full),
                     F.scaled_dot_product_attention(q, q, q, is_causal=True),
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3))
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3),
+                    F.scaled_dot_product_attention(q, k_self, v_self),
+                    F.scaled_dot_product_attention(q, k_self, v_self, attn_mask=keys_self))
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, s, 8, generator=gen) for s in (6, 9, 9))
@@ -220,12 +223,14 @@ def test_ort_mha_translation_equals_sdpa_for_every_mask_the_graphs_use(tmp_path)
     full = torch.rand(2, 1, 6, 9, generator=gen) > 0.3
     full[..., 0] = True  # every query sees a key
     bias = torch.randn(1, 4, 6, 9, generator=gen)
-    inputs = (q, k, v, keys, full, bias)
+    k_self, v_self = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(2))
+    keys_self = (torch.arange(6) < 4).view(1, 1, 1, 6)
+    inputs = (q, k, v, keys, full, bias, k_self, v_self, keys_self)
     path = tmp_path / "attention.onnx"
     torch.onnx.export(Attentions(), inputs, str(path), dynamo=True, opset_version=20,
                       custom_translation_table=translation_table("ort-mha"))
     graph = onnx.load(str(path))
-    assert collections.Counter(n.op_type for n in graph.graph.node)["MultiHeadAttention"] == 5
+    assert collections.Counter(n.op_type for n in graph.graph.node)["MultiHeadAttention"] == 7
     assert not any(n.op_type == "Softmax" for n in graph.graph.node)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

@@ -3,6 +3,7 @@ the checks the tests share."""
 
 import io
 import json
+import random
 import socket
 from pathlib import Path
 
@@ -21,10 +22,21 @@ TIGHT = dict(max_ongoing_requests=4, max_queued_requests=4)
 MAX_JOBS = 4  # the "nova" app's bound on video jobs (test_web fills it)
 
 
+# Ports handed to servers come from below the kernel's ephemeral range (32768-60999 by default), where no other
+# process's bind(0) (a Ray instance makes dozens) can take one between this probe and the server's own bind, and
+# above Ray's worker ports (10002-19999). A probed ephemeral port was once taken in that gap ("Failed to bind").
+SERVER_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    while True:
+        port = random.choice(SERVER_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+        return port
 
 
 def post(url: str, body: dict, **kwargs) -> requests.Response:
