@@ -53,31 +53,34 @@ def _multi_head_attention(query, key, value, attn_mask=None, dropout_p: float = 
     heads, head_dim = query.shape[1], query.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise NotImplementedError("the ort-mha attention form needs static head count and head size")
+
     def sequence_major(x):  # [B, H, S, Dh] -> [B, S, H*Dh]
         return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
 
+    # Sizes and types are read from q, k: a BNSH input with no consumer but its Transpose lets ONNX Runtime
+    # cancel that Transpose against the projection's own.
     q, k, v = sequence_major(query), key, value
     if key.shape[2] == query.shape[2]:  # self-attention: the inserted transposes cancel the projection's own
         k, v = sequence_major(key), sequence_major(value)
-    blocked = op.CastLike(op.Constant(value_float=float("-inf")), query)
+    query_length = op.Shape(q, start=1, end=2)
+    key_length = op.Shape(k, start=1, end=2) if k is not key else op.Shape(key, start=2, end=3)
+    blocked = op.CastLike(op.Constant(value_float=float("-inf")), q)
     bias, rank = None, 0
     if is_causal:  # -inf above the diagonal of [S, L]
-        square = op.Concat(op.Shape(query, start=2, end=3), op.Shape(key, start=2, end=3), axis=0)
+        square = op.Concat(query_length, key_length, axis=0)
         bias, rank = op.Trilu(op.Expand(blocked, square), op.Constant(value_int=1), upper=1), 2
     elif attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL:
-        bias, rank = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), query), blocked), len(attn_mask.shape)
+        bias, rank = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), q), blocked), len(attn_mask.shape)
     elif attn_mask is not None:
-        bias, rank = op.CastLike(attn_mask, query), len(attn_mask.shape)
+        bias, rank = op.CastLike(attn_mask, q), len(attn_mask.shape)
     if bias is not None:  # the op takes a [B or 1, H or 1, S, L] bias: add the leading axes, expand the query axis
         if rank < 4:
             bias = op.Reshape(bias, op.Concat(op.Constant(value_ints=[1] * (4 - rank)), op.Shape(bias), axis=0))
-        rows = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(query, start=2, end=3),
-                         op.Constant(value_ints=[1]), axis=0)
+        rows = op.Concat(op.Constant(value_ints=[1, 1]), query_length, op.Constant(value_ints=[1]), axis=0)
         bias = op.Expand(bias, rows)
     attributes = {"num_heads": heads} if scale is None else {"num_heads": heads, "scale": float(scale)}
     out = _multi_head_attention_op()(q, k, v, None, None, bias, **attributes)
-    shape = op.Concat(op.Shape(query, start=0, end=1), op.Shape(query, start=2, end=3),
-                      op.Constant(value_ints=[heads, head_dim]), axis=0)
+    shape = op.Concat(op.Shape(q, start=0, end=1), query_length, op.Constant(value_ints=[heads, head_dim]), axis=0)
     return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3])
 
 
