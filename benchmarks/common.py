@@ -104,7 +104,8 @@ def git_modified_files() -> list[str]:
 
 def versions() -> dict[str, str]:
     """The installed versions, read from package metadata: importing transformers and diffusers to ask them
-    would cost a report's process ~5 s. A module is looked up by its distribution (onnxruntime-gpu too)."""
+    would cost a report's process ~5 s. A module's version is that of the first distribution on sys.path that
+    installs it (onnxruntime's may be onnxruntime-gpu's)."""
     out = {"python": platform.python_version()}
     distributions = importlib.metadata.packages_distributions()
     for name in ("torch", "onnxruntime", "onnx", "numpy", "transformers", "diffusers"):

@@ -10,10 +10,10 @@ through transformers' SDPA path). How the ONNX graph spells it is a build choice
 
 The `ort-mha` translation keeps SDPA's semantics exactly: query [B, H, S, Dh] goes in as [B, S, H*Dh]; keys
 and values of the query's own length (self-attention) go in that way too, so that ONNX Runtime's transpose
-optimizer cancels the Transposes of the fused QKV projection against it (mid-t2i spatial at 2 threads: 182 ->
-170 ms per call, benchmarks/results/2026-12-03-cpu2-amd); longer keys and values (temporal_step's whole KV
-cache) stay [B, H, L, Dh], the op's BNSH key form, so the cache is read in place. A boolean mask (True = may attend) becomes
-the additive `attention_bias` (0 / -inf, broadcast over batch and heads, expanded to [.., S, L]), a
+optimizer cancels the Transposes of the fused QKV projection against them (mid-t2i spatial: ~5 % per call at
+2 threads, benchmarks/results/2026-12-03-cpu2-amd); longer keys and values (temporal_step's whole KV cache)
+stay [B, H, L, Dh], the op's BNSH key form, so the cache is read in place. A boolean mask (True = may attend)
+becomes the additive `attention_bias` (0 / -inf, broadcast over batch and heads, expanded to [.., S, L]), a
 float mask is that bias, `is_causal` a lower-triangular bias; the scale is passed as given (default
 1/sqrt(Dh), the op's default too). The output comes back as [B, H, S, Dh].
 """
@@ -57,16 +57,16 @@ def _multi_head_attention(query, key, value, attn_mask=None, dropout_p: float = 
     def sequence_major(x):  # [B, H, S, Dh] -> [B, S, H*Dh]
         return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
 
-    # Sizes and types are read from q, k: a BNSH input with no consumer but its Transpose lets ONNX Runtime
-    # cancel that Transpose against the projection's own.
+    # Sizes and types below are read from q and k, not from the BNSH inputs: a Transpose cancels only where the
+    # BNSH value has no other consumer.
     q, k, v = sequence_major(query), key, value
-    if key.shape[2] == query.shape[2]:  # self-attention: the inserted transposes cancel the projection's own
+    if key.shape[2] == query.shape[2]:  # self-attention
         k, v = sequence_major(key), sequence_major(value)
     query_length = op.Shape(q, start=1, end=2)
-    key_length = op.Shape(k, start=1, end=2) if k is not key else op.Shape(key, start=2, end=3)
     blocked = op.CastLike(op.Constant(value_float=float("-inf")), q)
     bias, rank = None, 0
     if is_causal:  # -inf above the diagonal of [S, L]
+        key_length = op.Shape(key, start=2, end=3) if k is key else op.Shape(k, start=1, end=2)
         square = op.Concat(query_length, key_length, axis=0)
         bias, rank = op.Trilu(op.Expand(blocked, square), op.Constant(value_int=1), upper=1), 2
     elif attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL:

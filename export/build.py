@@ -116,11 +116,14 @@ def resolve_backend(requested: str, report: Callable[[str], None]) -> tuple[str,
         raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested == "onnxruntime":
         return "onnxruntime", None
+    if requested == "tensorrt":
+        try:
+            return "tensorrt", tensorrt_build.require()
+        except tensorrt_build.TensorRTUnavailable as error:
+            raise BuildError(str(error)) from None
     ok, detail = tensorrt_build.available()
     if ok:
         return "tensorrt", detail
-    if requested == "tensorrt":
-        raise BuildError(tensorrt_build.unavailable_sentence(detail))
     report(f"TensorRT is not available on this machine ({detail}), so this build produces the ONNX graphs and "
            "their ONNX Runtime artifacts only.")
     return "onnxruntime", None

@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     if args.backend == "tensorrt":  # before torch's import (seconds): a machine without TensorRT answers at once
-        from export.tensorrt_build import available, unavailable_sentence
+        from export.tensorrt_build import TensorRTUnavailable, require
 
-        ok, detail = available()
-        if not ok:
-            print(f"error: {unavailable_sentence(detail)}", file=sys.stderr)
+        try:
+            require()
+        except TensorRTUnavailable as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
     from export.build import BuildError, BuildOptions, build, format_table
     from export.manifest import ManifestError

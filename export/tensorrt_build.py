@@ -44,6 +44,15 @@ def available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+def require() -> str:
+    """TensorRT's version; `TensorRTUnavailable` (one sentence) where it cannot be imported. torch-free, so that a
+    build asking for TensorRT on a machine without it is refused before the heavy imports."""
+    ok, detail = available()
+    if not ok:
+        raise TensorRTUnavailable(unavailable_sentence(detail))
+    return detail
+
+
 def unavailable_sentence(reason: str) -> str:
     return (f"TensorRT is not available on this machine ({reason}), so no TensorRT engines can be built; "
             "install TensorRT 10.x or 11.x on a GPU machine, or build ONNX Runtime artifacts with "
@@ -119,9 +128,7 @@ def build_engine(spec: GraphSpec, onnx_path: Path, plan_path: Path, timing_cache
                  workspace_gib: float = 8.0, opt_level: int = 3,
                  report: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Parse `onnx_path`, build a strongly typed engine, write `plan_path` atomically. -> info."""
-    ok, version = available()
-    if not ok:
-        raise TensorRTUnavailable(unavailable_sentence(version))
+    version = require()
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)

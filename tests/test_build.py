@@ -22,7 +22,7 @@ from export.validate import ValidationError
 from runtime.configs import CheckpointConfigs
 from runtime.engine_folder import EngineFolder
 from runtime.graphs import BuildProfile, build_specs
-from tests import simulated_gpu
+from tests import NO_TORCH, simulated_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("spatial", "denoise", "place", "vae_decoder")
@@ -285,7 +285,7 @@ def test_cli_help_reads_well():
 @pytest.mark.skipif(TRT_OK, reason="TensorRT is importable here")
 def test_cli_backend_tensorrt_without_tensorrt_is_one_sentence_and_nonzero(tiny_t2i, tmp_path):
     """Refused before torch is imported (seconds): `import torch` raises in this process."""
-    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
     result = _cli("--checkpoint", str(tiny_t2i), "--backend", "tensorrt", "--out", str(tmp_path / "x"),
                   pythonpath=str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr

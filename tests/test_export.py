@@ -110,6 +110,29 @@ def test_spatial_graph_in_onnx_runtime_equals_reference_gather_at_every_bucket(t
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"k = {known}")
 
 
+def test_no_transpose_feeds_multi_head_attention_after_onnx_runtime_optimizes(t2v_build, tmp_path):
+    """The spatial graph's self-attention hands q, k and v to MultiHeadAttention sequence-major, so ONNX Runtime's
+    transpose optimizer cancels the QKV projection's Transposes (export/attention.py): in the optimized graph no
+    Transpose reaches an attention input through Reshape / Squeeze / Split."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "spatial.optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(t2v_build[0].options.out / "spatial.onnx"), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
+    producer = {output: node for node in nodes for output in node.output}
+    attentions = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    assert attentions
+    for attention in attentions:
+        pending = [name for name in attention.input[:3] if name]
+        while pending:
+            node = producer.get(pending.pop())
+            assert node is None or node.op_type != "Transpose", attention.name
+            if node is not None and node.op_type in ("Reshape", "Squeeze", "Split"):
+                pending.append(node.input[0])
+
+
 def test_kv_cache_carried_across_frames_in_onnx_runtime_equals_reference(t2v_build):
     builder = t2v_build[0]
     manifest = load_manifest(builder.options.out)

@@ -20,6 +20,7 @@ import pytest
 
 from runtime import NOVARunner
 from runtime.draws import NumpyDraws
+from tests import NO_TORCH
 from tests.service.apps import free_port
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[serve]')")
@@ -27,8 +28,6 @@ pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = dict(num_inference_steps=8, num_diffusion_steps=4)
 START_S = 180  # a Ray instance and a replica starting on 2 shared cores
-# `import torch` raises ImportError in the driver and in every Ray worker (they inherit PYTHONPATH)
-NO_TORCH = 'import sys\nsys.modules["torch"] = None\n'
 
 
 def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
