@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
                              "checkpoints/synthetic/ on first use")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--targets", default=None,
-                   help="comma list of KIND:PRECISION (reference, torch, onnxruntime, tensorrt); default: "
+                   help="comma list of KIND:PRECISION (official, reference, torch, inductor: torch with "
+                        "torch.compile, onnxruntime, tensorrt); default: "
                         "reference:fp32,torch:fp32,onnxruntime:fp32 on cpu, reference:fp16,torch:fp16 on cuda")
     p.add_argument("--official", metavar="PATH", type=Path,
                    help="a checkout of the official code (baaivision/NOVA): adds the official target "
@@ -337,7 +338,6 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
                  "flops_per_s": (rates_before[d]["flops_per_s"] + rates_after[d]["flops_per_s"]) / 2}
              for d in rates_before}
     reference = next((r for r in results.values() if r["kind"] == "reference"), None)
-    official = next((r for r in results.values() if r["kind"] == "official"), None)
     targets = []
     for r in results.values():
         e2e = common.summarize(r["e2e"])
@@ -371,7 +371,9 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
             entry["speedup_vs_reference"] = {"reference": reference["target"], "e2e": ref_e2e / e2e["median"],
                                              **{s: (ref_stages[s] / stages[s]["median"]) if stages[s]["median"] > 0
                                                 else None for s in (*STAGES, "other")}}
+        official = official_baseline(results.values(), r["precision"])
         if official is not None:
+            entry["official"] = official["target"]
             entry["speedup_vs_official"] = common.percentile(official["e2e"], 50) / e2e["median"]
             entry["pixels_vs_official"] = pixel_difference(np.load(r["pixels_file"]), np.load(official["pixels_file"]))
         entry["overhead"] = call_overhead(entry, counts, geometry, ceiling) if r["kind"] not in ("reference", "official") \
@@ -390,6 +392,12 @@ def summarize_run(args, env, checkpoint: Path, counts, geometry, builds, stage_r
                          "exporter": args.exporter, "build_profile": geometry.to_dict()},
             "engine_builds": builds, "flops": counts, "matmul_rate": rates, "targets": targets,
             "wall_seconds": wall}
+
+
+def official_baseline(results, precision: str) -> dict[str, Any] | None:
+    """The official target a target is compared with: the one of its precision where one ran, else the first."""
+    officials = [r for r in results if r["kind"] == "official"]
+    return next((r for r in officials if r["precision"] == precision), officials[0] if officials else None)
 
 
 def pixel_difference(pixels, official) -> dict[str, Any]:
@@ -470,6 +478,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{d} {_rate(r['flops_per_s'])}FLOP/s (before {_rate(r['before']['flops_per_s'])}, after "
         f"{_rate(r['after']['flops_per_s'])}, {r['before']['size']}^3)" for d, r in rates.items()))
     official = any(t["kind"] == "official" for t in report["targets"])
+    several = sum(t["kind"] == "official" for t in report["targets"]) > 1  # then each ratio names its baseline
     lines += ["", "## End to end", "",
               "| target | median s | p90 s | " + ("speed-up vs official | pixels vs official (mean / max levels, "
                                                     "share > 1 level) | " if official else "")
@@ -478,9 +487,11 @@ def markdown(report: dict[str, Any]) -> str:
               "|---|---:|---:|" + ("---:|---:|" if official else "") + "---:|---:|---:|---:|---:|---:|"]
     for t in report["targets"]:
         speed = t.get("speedup_vs_reference", {}).get("e2e")
+        baseline = f" (vs {t['official']})" if several and "official" in t else ""
         key, peak_key = ("cuda_allocated_bytes", "cuda_max_allocated_bytes") if cuda else ("rss_bytes", "peak_rss_bytes")
         lines.append(f"| {t['target']} | {_s(t['e2e']['median'])} | {_s(t['e2e']['p90'])} | "
-                     + (f"{t['speedup_vs_official']:.2f}x | {_pixels(t['pixels_vs_official'])} | " if official else "")
+                     + (f"{t['speedup_vs_official']:.2f}x{baseline} | {_pixels(t['pixels_vs_official'])} | "
+                        if official else "")
                      + f"{'%.2fx' % speed if speed else '–'} | {_rate(t['useful_flops_per_s_e2e'])} | "
                      f"{_s(t['warmup_seconds'][0]) if t['warmup_seconds'] else '–'} | {_s(t['load_seconds'])} | "
                      f"{_bytes(t['memory_after_load'].get(key))} | {_bytes(t['memory'].get(peak_key))} |")

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 STAGES = ("text", "temporal", "spatial", "denoise", "vae")
-KINDS = ("official", "reference", "torch", "onnxruntime", "tensorrt")
+KINDS = ("official", "reference", "torch", "inductor", "onnxruntime", "tensorrt")  # inductor: torch + torch.compile
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -153,9 +153,9 @@ class Target:
         else:
             from runtime.runner import NOVARunner
 
-            if spec.kind == "torch":
+            if spec.kind in ("torch", "inductor"):
                 self.runner = NOVARunner.from_checkpoint(self.checkpoint, profile, precision=spec.precision,
-                                                         device=device)
+                                                         device=device, compile=spec.kind == "inductor")
             else:
                 if engines is None:
                     raise ValueError(f"{spec.label} needs an engine folder")

@@ -138,9 +138,10 @@ class NOVARunner:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, profile: BuildProfile | None = None, precision: str = "fp32",
-                        device: str = "cpu") -> "NOVARunner":
-        """The torch backend straight from a checkpoint folder (no export): the graphs' own modules."""
-        return cls(*open_checkpoint(folder, profile, precision, device))
+                        device: str = "cpu", compile: bool = False) -> "NOVARunner":
+        """The torch backend straight from a checkpoint folder (no export): the graphs' own modules. `compile`:
+        the per-step graphs through torch.compile (inductor), compiled on the first request (benchmarks/README.md)."""
+        return cls(*open_checkpoint(folder, profile, precision, device, compile))
 
     @classmethod
     def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None) -> "NOVARunner":

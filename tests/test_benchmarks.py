@@ -216,6 +216,18 @@ def test_official_target_arguments(tmp_path):
     assert labels(target_specs(None, "cuda", tmp_path))[0] == "official:fp16"
 
 
+def test_each_target_is_compared_with_the_official_pipeline_of_its_precision():
+    from benchmarks.latency import official_baseline
+
+    results = [{"target": t, "kind": t.split(":")[0], "precision": t.split(":")[1]}
+               for t in ("official:fp32", "official:bf16", "inductor:bf16", "torch:fp16")]
+    assert official_baseline(results, "bf16")["target"] == "official:bf16"
+    assert official_baseline(results, "fp32")["target"] == "official:fp32"
+    assert official_baseline(results, "fp16")["target"] == "official:fp32"  # none of its precision: the first
+    assert official_baseline(results[2:], "bf16") is None
+    assert TargetSpec.parse("inductor:bf16").kind == "inductor"  # the torch backend with torch.compile
+
+
 @pytest.mark.skipif(not os.environ.get("NOVA_OFFICIAL"), reason="NOVA_OFFICIAL names no checkout of the official code "
                                                                  "(baaivision/NOVA; CI has none)")
 def test_official_target_runs_beside_the_reference(tiny_t2i, tmp_path):

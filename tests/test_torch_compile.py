@@ -1,4 +1,5 @@
-"""The torch backend with torch.compile: the same results as its eager modules, within fp32 rounding.
+"""The torch backend with torch.compile: the same results as its eager modules, within fp32 rounding, on the graphs
+that pay for a compile.
 
 Compiles one small graph (tiny-t2i's single diffusion step; inductor's C++ toolchain costs ~30 s cold on the
 2-CPU machine, seconds with its FX graph cache): the large graphs' compile times are measured by the benchmarks.
@@ -23,3 +24,18 @@ def test_compiled_graph_matches_its_eager_module(tiny_t2i):
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
     assert set(compiled.compile_seconds) == {"denoise"} and compiled.compile_seconds["denoise"] > 0
     assert isinstance(compiled.modules["denoise"], torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_runner_compiles_the_per_step_graphs_only(tiny_t2i):
+    """`NOVARunner.from_checkpoint(compile=True)` wraps the graphs called per mask or diffusion step; the graphs
+    called once per request stay eager (their compile would cost more than it saves). Nothing compiles yet:
+    inductor runs on a graph's first call."""
+    from runtime.backends.torch_backend import PER_STEP_GRAPHS
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=4, diffusion_steps=2), compile=True)
+    compiled = {name for name, module in runner.backend.modules.items()
+                if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)}
+    assert compiled == PER_STEP_GRAPHS & set(runner.backend.modules)
+    assert {"spatial", "denoise_loop"} <= compiled and {"text_encoder", "vae_decoder"}.isdisjoint(compiled)
+    assert runner.backend.compile_seconds == {}

@@ -22,11 +22,14 @@ class OpenedBuild(NamedTuple):
     graphs: dict[str, dict]  # each graph's declaration (`GraphSpec.describe()`)
 
 
-def open_checkpoint(folder: str | Path, profile: BuildProfile | None, precision: str, device: str) -> OpenedBuild:
-    """The torch backend straight from a checkpoint folder (no export): the graphs' own modules."""
+def open_checkpoint(folder: str | Path, profile: BuildProfile | None, precision: str, device: str,
+                    compile: bool = False) -> OpenedBuild:
+    """The torch backend straight from a checkpoint folder (no export): the graphs' own modules (with `compile`,
+    the per-step ones through torch.compile)."""
     check_device(device)
     configs, profile = CheckpointConfigs.read(folder), profile or BuildProfile()
-    backend = _unavailable_is_value_error(_torch_backend, configs, profile, precision, None, "onnxruntime", device)
+    backend = _unavailable_is_value_error(_torch_backend, configs, profile, precision, None, "onnxruntime", device,
+                                          compile)
     return OpenedBuild(backend, configs, profile, {name: spec.describe() for name, spec in backend.specs.items()})
 
 
@@ -81,12 +84,12 @@ def _unavailable_is_value_error(make, *args) -> Backend:
 
 
 def _torch_backend(configs: CheckpointConfigs, profile: BuildProfile, precision: str, overrides: dict | None,
-                   built_for: str, device: str) -> Backend:
+                   built_for: str, device: str, compile: bool = False) -> Backend:
     """The graphs' torch modules with the checkpoint's weights."""
     from runtime.backends.torch_backend import TorchBackend
     from runtime.graphs.specs import build_specs
 
-    return TorchBackend(build_specs(configs, profile, precision, overrides, built_for), device)
+    return TorchBackend(build_specs(configs, profile, precision, overrides, built_for), device, compile=compile)
 
 
 def _built_checkpoint(manifest: dict) -> CheckpointConfigs:

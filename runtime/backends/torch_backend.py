@@ -14,12 +14,16 @@ runs on the one stream, never two at once, and what outlives a replay (output an
 is allocated outside the pool. Everything is queued on torch's current stream; the host waits for the
 device only where torch does (uploads from pageable memory, downloads) and once per capture.
 
-`compile=True` runs every graph's module through `torch.compile` (inductor; weights frozen into the compiled
-code on a CPU), each compiled on its first call at each new input shape (the FX graph cache under
-TORCHINDUCTOR_CACHE_DIR keeps the compiled code for later processes); on CUDA the captured CUDA graphs replay the
-compiled kernels (inductor's own CUDA graphs stay off: the captures above are this backend's). Measured on the
-2-CPU machine (benchmarks/README.md): the mid-t2i spatial graph runs no faster compiled (275 against 276 ms per
-call) after 74 s of compilation, so it is off by default; on CUDA it has not run.
+`compile=True` runs the modules of the graphs a request calls once per mask step or diffusion step
+(`PER_STEP_GRAPHS`) through `torch.compile` (inductor; weights frozen into the compiled code on a CPU), each compiled
+on its first call and again when an input shape changes (the spatial graph's known-token bucket: inductor then
+compiles one dynamic-shape version), its FX graph cache under TORCHINDUCTOR_CACHE_DIR keeping the code for later
+processes. The graphs called once per request (text encoder, temporal prefill, VAE) stay eager: 30-100 s of
+compilation each buys milliseconds. On CUDA the captured CUDA graphs replay the compiled kernels (inductor's own CUDA
+graphs stay off: the captures above are this backend's). Measured on the 2-CPU Intel host (AVX-512 / AMX; mid-t2i,
+2 threads, benchmarks/results/2026-12-03-cpu2-intel): spatial 80 -> 73 ms per call in fp32 and 45 -> 33 ms in
+bf16, denoise_loop 13 -> 8.6 ms (fp32) and 23 -> 9.4 ms (bf16), after 15-100 s of compilation per graph; off by
+default for that cost. On CUDA it has not run.
 
 Status: the CUDA path is written against torch's documented API and NOT run yet (no GPU here); its
 host logic is tested on CPU with a recording stand-in for the capture (tests/test_cuda_graph_logic.py).
@@ -59,6 +63,10 @@ class TorchCudaGraphs(cuda_graphs.Captures):
         return captured
 
 
+# Called once per mask step or per diffusion step: where a compile pays for itself (see the module docstring).
+PER_STEP_GRAPHS = frozenset({"temporal_step", "spatial", "denoise", "place", "denoise_loop"})
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -68,7 +76,7 @@ class TorchBackend(Backend):
             raise BackendUnavailable(f"the torch backend cannot use {device}: this torch build sees no CUDA GPU")
         self.specs = dict(specs)
         self.modules = {name: spec.build().to(self.device) for name, spec in self.specs.items()}
-        self.compile_seconds: dict[str, float] | None = None  # per graph, its first (compiling) call
+        self.compile_seconds: dict[str, float] | None = None  # per compiled graph, its first (compiling) call
         if compile:
             self._compile()
         self.captures = None
@@ -80,7 +88,8 @@ class TorchBackend(Backend):
 
         inductor.freezing = True  # weights are constants of an inference graph: folded and prepacked
         self.compile_seconds = {}
-        self.modules = {name: torch.compile(module) for name, module in self.modules.items()}
+        self.modules = {name: torch.compile(module) if name in PER_STEP_GRAPHS else module
+                        for name, module in self.modules.items()}
 
     def _use_cuda_graphs(self, captures: cuda_graphs.Captures) -> None:
         """Stage, buffer and capture every graph whose inputs and outputs have static shapes."""
@@ -109,7 +118,7 @@ class TorchBackend(Backend):
 
     def run(self, graph: str, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec, module = self.specs[graph], self.modules[graph]
-        if self.compile_seconds is not None and graph not in self.compile_seconds:
+        if self.compile_seconds is not None and graph in PER_STEP_GRAPHS and graph not in self.compile_seconds:
             start = time.perf_counter()
             outputs = self._run(spec, module, graph, inputs)
             self.synchronize()
