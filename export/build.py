@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from export import manifest as mf
 from export.attention import attention_form
+from export.convolution import conv3d_form
 from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_graph
 from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_cases, ort_session, reference_cases,
                              temporal_sequence)
@@ -196,9 +197,10 @@ class Builder:
             raise BuildError(str(error)) from None
         try:
             self.modules = ModuleCache(o.checkpoint)
-            self.attention = attention_form(self.backend, o.exporter)
+            self.forms = {"attention": attention_form(self.backend, o.exporter),
+                          "conv3d": conv3d_form(self.backend, o.exporter)}
             self.specs = build_specs(self.checkpoint, o.profile, o.precision, o.overrides, self.backend, self.modules,
-                                     self.attention)
+                                     **self.forms)
             self.geometry = Geometry.from_config(self.checkpoint.transformer, o.profile)
         except ValueError as error:
             raise BuildError(str(error)) from None
@@ -409,7 +411,7 @@ class Builder:
             return None
         o = self.options
         return build_specs(self.checkpoint, o.profile, "fp32", None, self.backend, self.modules,
-                           self.attention)[spec.name]
+                           **self.forms)[spec.name]
 
     def _cases(self, spec: GraphSpec, module, seed: int = 1) -> list[dict[str, Any]]:
         twin = self.fp32_twin(spec)

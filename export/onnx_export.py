@@ -27,7 +27,8 @@ import torch
 import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
-from export.attention import translation_table
+from export.attention import translation_table as attention_translations
+from export.convolution import translation_table as conv3d_translations
 from runtime.graphs.contract import GraphSpec
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -86,6 +87,9 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
     if spec.attention not in (None, "standard") and exporter != "dynamo":
         raise ExportError(f"graph {spec.name!r} declares {spec.attention} attention, which only the dynamo exporter "
                           f"writes")
+    if spec.conv3d not in (None, "native") and exporter != "dynamo":
+        raise ExportError(f"graph {spec.name!r} declares {spec.conv3d} 3-D convolutions, which only the dynamo "
+                          f"exporter writes")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = example_inputs(spec)
@@ -105,7 +109,7 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
                 torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
                                   dynamic_shapes={"inputs": shapes} if spec.dims else None, dynamo=True, external_data=True,
                                   opset_version=opset, optimize=True, verbose=False,
-                                  custom_translation_table=translation_table(spec.attention or "standard"))
+                                  custom_translation_table=_translations(spec))
             else:
                 axes = {t.name: {axis: s for axis, s in enumerate(t.shape) if isinstance(s, str)}
                         for t in (*spec.inputs, *spec.outputs)}
@@ -125,6 +129,13 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
     check_declaration(spec, path)
     return {"exporter": exporter, "opset": opset, "export_seconds": round(exported - start, 3),
             "total_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _translations(spec: GraphSpec) -> dict | None:
+    """The dynamo exporter's custom translations for the graph's declared attention and 3-D convolution forms."""
+    table = {**(attention_translations(spec.attention or "standard") or {}),
+             **(conv3d_translations(spec.conv3d or "native") or {})}
+    return table or None
 
 
 def _deduplicate_weights(raw: Path) -> None:
@@ -208,8 +219,21 @@ def check_declaration(spec: GraphSpec, path: str | os.PathLike) -> None:
         problems.append(f"declares ort-mha attention, but has {fused} MultiHeadAttention node(s) and Softmax left")
     elif spec.attention != "ort-mha" and fused:
         problems.append(f"declares {spec.attention} attention, but has {fused} MultiHeadAttention node(s)")
+    left = _time_convolutions(model) if spec.conv3d == "frames" else 0
+    if left:
+        problems.append(f"declares frames 3-D convolutions, but has {left} 5-D Conv(s) of stride 1 in time left")
     if problems:
         raise ExportError(f"exported graph {spec.name!r} does not match its declaration: " + "; ".join(problems))
+
+
+def _time_convolutions(model: onnx.ModelProto) -> int:
+    """How many Convs have a 5-D weight (3-D convolutions) and stride 1 in time."""
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in inferred.value_info})
+    strides = lambda node: next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])  # noqa: E731
+    return sum(node.op_type == "Conv" and ranks.get(node.input[1]) == 5 and strides(node)[0] == 1
+               for node in model.graph.node)
 
 
 def graph_dtypes(path: str | os.PathLike) -> dict[str, int]:

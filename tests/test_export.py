@@ -67,6 +67,9 @@ def test_every_graph_exports_and_matches_torch_in_onnx_runtime(which, request):
         entry = manifest["components"][name]
         assert entry["validation"]["passed"] is True
         assert entry["export"]["exporter"] == ("dynamo" if which == "t2v_build" else "torchscript")
+        # the video VAE's 3-D convolutions as 2-D ones over the frames (dynamo builds for ONNX Runtime)
+        video_vae = which == "t2v_build" and name.startswith("vae_")
+        assert entry["declaration"]["conv3d"] == ("frames" if video_vae else None), name
         onnx_path = builder.options.out / f"{name}.onnx"
         check_declaration(spec, onnx_path)
         outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
@@ -260,3 +263,39 @@ def test_ort_mha_translation_equals_sdpa_for_every_mask_the_graphs_use(tmp_path)
     outputs = session.run(None, dict(zip(names, (t.numpy() for t in inputs))))
     for got, expected in zip(outputs, Attentions()(*inputs)):
         np.testing.assert_allclose(got, expected.numpy(), atol=2e-6, rtol=1e-5)
+
+
+def test_frames_conv3d_form_equals_conv3d_and_keeps_strided_ones(tmp_path):
+    """The `frames` form (export/convolution.py) against nn.Conv3d in one graph: causal time padding with and
+    without bias, a spatial stride, and one strided in time (left a 5-D Conv, as the exporter writes it); the
+    dynamic time length stays dynamic."""
+    import onnxruntime as ort
+    from torch.nn import functional as F
+
+    from export.convolution import translation_table
+    from export.onnx_export import _time_convolutions
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 4, 3, 3, 3, generator=gen), torch.randn(6, generator=gen)
+    wide = torch.randn(5, 4, 3, 1, 3, generator=gen)
+
+    class Convolutions(torch.nn.Module):
+        def forward(self, x):
+            padded = F.pad(x, (0, 0, 0, 0, 2, 0), mode="replicate")
+            return (F.conv3d(padded, weight, bias, padding=(0, 1, 1)), F.conv3d(padded, wide, stride=(1, 2, 1)),
+                    F.conv3d(padded, weight, stride=(2, 1, 1)))
+
+    inputs = torch.randn(2, 4, 5, 7, 6, generator=gen)
+    path = tmp_path / "convolutions.onnx"
+    torch.onnx.export(Convolutions(), (inputs,), str(path), dynamo=True, opset_version=20,
+                      dynamic_shapes=({2: torch.export.Dim("frames", min=2, max=9)},),
+                      custom_translation_table=translation_table("frames"))
+    model = onnx.load(str(path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    assert len(convs) == 3 and _time_convolutions(model) == 0 and [ranks.get(n.input[1]) for n in convs].count(5) == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for frames in (5, 8):  # the traced length and another
+        x = torch.randn(2, 4, frames, 7, 6, generator=gen)
+        for got, expected in zip(session.run(None, {session.get_inputs()[0].name: x.numpy()}), Convolutions()(x)):
+            np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)

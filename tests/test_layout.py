@@ -25,6 +25,7 @@ TORCH_LAYER = ("runtime.backends.torch_backend", "runtime.checkpoint", "runtime.
                "runtime.graphs.temporal", "runtime.graphs.text_encoder", "runtime.graphs.vae", "runtime.guidance",
                "runtime.model", "runtime.model.kv_cache", "runtime.model.text_encoder", "runtime.model.transformer",
                "runtime.model.vae", "runtime.model.vae_opensora", "runtime.reference", "export", "export.attention",
+               "export.convolution",
                "export.build", "export.build_engines", "export.manifest", "export.onnx_export",
                "export.tensorrt_build", "export.validate")
 # Core -> torch edges that are deliberate: each is an optional use, taken only where torch is installed.

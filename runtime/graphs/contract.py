@@ -100,6 +100,9 @@ def dynamic(name: str, low: int, high: int, opt: int | None = None) -> dict[str,
 # How an exported graph spells attention (export/attention.py makes them): `standard` MatMul / Softmax ops, or
 # ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (`ort-mha`).
 ATTENTION_FORMS = ("standard", "ort-mha")
+# How it spells 3-D convolutions (export/convolution.py): `native` 5-D Convs, or `frames`: a 2-D Conv over the
+# frames with the time taps stacked as channels.
+CONV3D_FORMS = ("native", "frames")
 
 Sample = Callable[[dict[str, int], torch.Generator], dict[str, torch.Tensor]]
 
@@ -119,6 +122,7 @@ class GraphSpec:
     sample: Sample  # realistic random inputs at given dynamic dims
     notes: tuple[str, ...] = ()
     attention: str | None = None  # how its ONNX export computes attention (export/attention.py); None: none
+    conv3d: str | None = None  # how it computes 3-D convolutions (export/convolution.py); None: none
 
     def dims_at(self, point: str) -> dict[str, int]:
         """Concrete dynamic dims at 'min', 'opt' or 'max' of their ranges."""
@@ -133,7 +137,7 @@ class GraphSpec:
         tensors = lambda ts: [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]  # noqa: E731
         return {"name": self.name, "precision": self.precision, "inputs": tensors(self.inputs),
                 "outputs": tensors(self.outputs), "dims": {k: dataclasses.asdict(v) for k, v in self.dims.items()},
-                "attention": self.attention, "notes": list(self.notes)}
+                "attention": self.attention, "conv3d": self.conv3d, "notes": list(self.notes)}
 
 
 def run_module(spec: GraphSpec, module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,6 +159,7 @@ class GraphContext:
     geometry: Geometry
     precisions: dict[str, str]  # graph name -> fp32 | fp16 | bf16
     attention: str = "standard"  # the attention form of this build's graphs that have attention
+    conv3d: str = "native"  # the 3-D convolution form of this build's graphs that have 3-D convolutions
 
     def dtype_name(self, graph: str) -> str:
         """The graph's compute dtype as a TensorSpec dtype (float16, ...)."""

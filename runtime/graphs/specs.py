@@ -24,7 +24,7 @@ from typing import Callable
 
 from runtime.configs import CheckpointConfigs
 from runtime.graphs.common import ModuleCache
-from runtime.graphs.contract import ATTENTION_FORMS, GraphContext, GraphSpec
+from runtime.graphs.contract import ATTENTION_FORMS, CONV3D_FORMS, GraphContext, GraphSpec
 from runtime.graphs.denoise import denoise_loop_spec, denoise_spec, place_spec
 from runtime.graphs.profile import BuildProfile, Geometry, component_precision
 from runtime.graphs.spatial import spatial_spec
@@ -53,12 +53,16 @@ GRAPH_NAMES = tuple(name for name in GRAPHS if name not in FOLLOWS)
 
 def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: str = "fp32",
                 overrides: dict[str, str] | None = None, backend: str = "onnxruntime",
-                modules: ModuleCache | None = None, attention: str = "standard") -> dict[str, GraphSpec]:
+                modules: ModuleCache | None = None, attention: str = "standard",
+                conv3d: str = "native") -> dict[str, GraphSpec]:
     """Every graph of a checkpoint under `profile`, in build order. `modules` supplies the weights on
-    first use of a graph's module (a fresh cache of the checkpoint's modules by default); `attention`: the
-    form the graphs with attention are exported in (`ATTENTION_FORMS`; export/attention.py chooses it per build)."""
+    first use of a graph's module (a fresh cache of the checkpoint's modules by default); `attention` and
+    `conv3d`: the forms the graphs with attention and 3-D convolutions are exported in (`ATTENTION_FORMS`,
+    `CONV3D_FORMS`; export/attention.py and export/convolution.py choose them per build)."""
     if attention not in ATTENTION_FORMS:
         raise ValueError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
+    if conv3d not in CONV3D_FORMS:
+        raise ValueError(f"conv3d form must be one of {', '.join(CONV3D_FORMS)}, got {conv3d!r}")
     unknown = sorted(set(overrides or {}) - set(GRAPH_NAMES))
     if unknown:
         raise ValueError(f"unknown graph name(s) in precision overrides: {', '.join(unknown)} "
@@ -66,6 +70,6 @@ def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: st
     precisions = {name: component_precision(name, precision, overrides, backend) for name in GRAPH_NAMES}
     precisions.update({name: precisions[leader] for name, leader in FOLLOWS.items()})
     ctx = GraphContext(configs, modules or ModuleCache(configs.folder), profile,
-                       Geometry.from_config(configs.transformer, profile), precisions, attention)
+                       Geometry.from_config(configs.transformer, profile), precisions, attention, conv3d)
     specs = {name: declare(ctx) for name, declare in GRAPHS.items()}
     return {name: spec for name, spec in specs.items() if spec is not None}

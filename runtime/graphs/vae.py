@@ -44,7 +44,7 @@ def _decoder_spec(ctx: GraphContext, name: str, latents: TensorSpec, pixels: Ten
         doc="Unscale, decode, x * 127.5 + 127.5, clamp, truncate to uint8 (channels last).",
         inputs=(latents,), outputs=(pixels,), dims=dims, component="vae",
         weight_prefixes=("decoder.", "post_quant_conv."), sources=SOURCES, attention=ctx.attention,
-        sample=vae_decoder_sample,
+        conv3d=ctx.conv3d if ctx.configs.video_vae else None, sample=vae_decoder_sample,
         build=lambda: VAEDecoderGraph(ctx.module("vae", name), ctx.dtype(name)).eval())
 
 
@@ -111,5 +111,6 @@ def vae_encoder_spec(ctx: GraphContext) -> GraphSpec | None:
         doc="Image-to-video: uint8 image -> scaled posterior sample noise * std + mean (noise from the host).",
         inputs=(tensor("image", "uint8", 1, H, W, 3), tensor("noise", "float32", *latent)),
         outputs=(tensor("latent", "float32", *latent),), dims={}, component="vae",
-        weight_prefixes=("encoder.", "quant_conv."), sources=SOURCES, attention=ctx.attention, sample=vae_encoder_sample,
+        weight_prefixes=("encoder.", "quant_conv."), sources=SOURCES, attention=ctx.attention, conv3d=ctx.conv3d,
+        sample=vae_encoder_sample,
         build=lambda: VAEEncoderGraph(ctx.module("vae", name), ctx.dtype(name)).eval())
