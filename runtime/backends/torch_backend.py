@@ -14,9 +14,9 @@ runs on the one stream, never two at once, and what outlives a replay (output an
 is allocated outside the pool. Everything is queued on torch's current stream; the host waits for the
 device only where torch does (uploads from pageable memory, downloads) and once per capture.
 
-`compile=True` runs the modules of the graphs a request calls once per mask step or diffusion step
-(`PER_STEP_GRAPHS`) through `torch.compile` (inductor; weights frozen into the compiled code on a CPU), each compiled
-on its first call and again when an input shape changes (the spatial graph's known-token bucket: inductor then
+`compile=True` runs the modules of the graphs a request calls once per latent frame, mask step or diffusion
+step (`PER_STEP_GRAPHS`) through `torch.compile` (inductor; weights frozen into the compiled code on a CPU), each
+compiled on its first call and again when an input shape changes (the spatial graph's known-token bucket: inductor then
 compiles one dynamic-shape version), its FX graph cache under TORCHINDUCTOR_CACHE_DIR keeping the code for later
 processes. The graphs called once per request (text encoder, temporal prefill, VAE) stay eager: 30-100 s of
 compilation each buys milliseconds. On CUDA the captured CUDA graphs replay the compiled kernels (inductor's own CUDA
@@ -63,7 +63,7 @@ class TorchCudaGraphs(cuda_graphs.Captures):
         return captured
 
 
-# Called once per mask step or per diffusion step: where a compile pays for itself (see the module docstring).
+# Called once per latent frame, mask step or diffusion step: where a compile pays for itself (module docstring).
 PER_STEP_GRAPHS = frozenset({"temporal_step", "spatial", "denoise", "place", "denoise_loop"})
 
 
