@@ -174,13 +174,16 @@ def _generate(args: argparse.Namespace) -> str:
     from runtime.engine_folder import CONFIGS_DIR
 
     options = _options(args)
+    if args.compile and args.backend != "torch":
+        raise ValueError(f"--compile needs --backend torch (torch.compile runs the graphs' PyTorch modules), got "
+                         f"--backend {args.backend}")
     _check_request(args, options, _transformer_config(Path(args.engines) / CONFIGS_DIR))
 
     from runtime.runner import NOVARunner
 
     start = time.perf_counter()
     with _ort_threads(args.threads):
-        runner = NOVARunner.from_engines(args.engines, backend=args.backend, device=args.device)
+        runner = NOVARunner.from_engines(args.engines, backend=args.backend, device=args.device, compile=args.compile)
     loaded = time.perf_counter()
     print(f"loaded {args.engines} in {loaded - start:.1f} s; generating", file=sys.stderr, flush=True)
     with progress_stream() as stderr, contextlib.redirect_stderr(stderr):  # the runner's bar writes to stderr
@@ -236,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
                               "not cpu; else ONNX Runtime")
     engines.add_argument("--device", metavar="DEVICE",
                          help="cpu, or cuda / cuda:N (default: cuda for TensorRT, else cpu)")
+    engines.add_argument("--compile", action="store_true",
+                         help="with --backend torch: the per-step graphs through torch.compile (inductor): about a "
+                              "minute of compilation in the first request of a process, faster steps after it")
     _add_generation_options(gen)
     ref = commands.add_parser("reference", help="generate with the eager PyTorch reference pipeline",
                               description="Generate an image (PNG) or a video (mp4 + PNG strip) with the eager "

@@ -144,7 +144,8 @@ class NOVARunner:
         return cls(*open_checkpoint(folder, profile, precision, device, compile))
 
     @classmethod
-    def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None) -> "NOVARunner":
+    def from_engines(cls, folder: str | Path, backend: str = "auto", device: str | None = None,
+                     compile: bool = False) -> "NOVARunner":
         """Load an engine folder built by `export/build_engines.py`.
 
         backend: "auto" (TensorRT if the folder has engines, TensorRT is importable and the device is not
@@ -154,9 +155,9 @@ class NOVARunner:
         manifest (size and sha256) before use; a missing, partial, edited or mismatched folder is refused
         with a message that says what to rebuild. The folder is self-contained for tensorrt and
         onnxruntime: configs and tokenizer are read from its configs/ copy, and neither torch nor the
-        checkpoint is needed.
+        checkpoint is needed. compile: with backend="torch", as `from_checkpoint`'s.
         """
-        return cls(*open_engines(folder, backend, device))
+        return cls(*open_engines(folder, backend, device, compile))
 
     # -- public API -----------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str] | None = None, *, seed: int | None = None, generator=None,

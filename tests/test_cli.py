@@ -154,6 +154,14 @@ def test_the_request_is_checked_before_the_out_suffix_with_flag_names(t2i_engine
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compile_without_the_torch_backend_is_refused_before_loading(t2i_engines, tmp_path, capsys, no_loading):
+    for backend in ("auto", "onnxruntime"):
+        assert _generate(t2i_engines, "--compile", "--backend", backend, "--out", str(tmp_path / "x.png")) == 2
+        assert _error_line(capsys) == f"error: --compile needs --backend torch (torch.compile runs the graphs' " \
+                                      f"PyTorch modules), got --backend {backend}"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 64), str(2 ** 70)])
 @pytest.mark.parametrize("command", ["generate", "reference"])
 def test_the_seed_range_is_checked_before_loading_naming_the_flag(command, seed, t2i_engines, tiny_t2i, tmp_path,

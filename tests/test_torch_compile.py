@@ -5,6 +5,7 @@ Compiles one small graph (tiny-t2i's single diffusion step; inductor's C++ toolc
 2-CPU machine, seconds with its FX graph cache): the large graphs' compile times are measured by the benchmarks.
 """
 
+import pytest
 import torch
 
 from runtime.backends.torch_backend import TorchBackend
@@ -39,3 +40,15 @@ def test_runner_compiles_the_per_step_graphs_only(tiny_t2i):
     assert compiled == PER_STEP_GRAPHS & set(runner.backend.modules)
     assert {"spatial", "denoise_loop"} <= compiled and {"text_encoder", "vae_decoder"}.isdisjoint(compiled)
     assert runner.backend.compile_seconds == {}
+
+
+def test_an_engine_folder_compiles_on_the_torch_backend_only(t2i_engines):
+    from runtime.backends.torch_backend import PER_STEP_GRAPHS
+    from runtime.runner import NOVARunner
+
+    runner = NOVARunner.from_engines(t2i_engines, backend="torch", compile=True)
+    assert {name for name, module in runner.backend.modules.items()
+            if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)} == PER_STEP_GRAPHS & set(runner.graphs)
+    for backend in ("auto", "onnxruntime"):
+        with pytest.raises(ValueError, match=f"compile=True needs backend='torch'.*got backend='{backend}'"):
+            NOVARunner.from_engines(t2i_engines, backend=backend, compile=True)

@@ -33,12 +33,17 @@ def open_checkpoint(folder: str | Path, profile: BuildProfile | None, precision:
     return OpenedBuild(backend, configs, profile, {name: spec.describe() for name, spec in backend.specs.items()})
 
 
-def open_engines(folder: str | Path, backend: str = "auto", device: str | None = None) -> OpenedBuild:
+def open_engines(folder: str | Path, backend: str = "auto", device: str | None = None,
+                 compile: bool = False) -> OpenedBuild:
     """An engine folder, verified against its manifest, on `backend` ("auto": TensorRT if the folder has
     plans, TensorRT is importable and the device is not "cpu"; else ONNX Runtime) and `device` (by
-    default "cuda" for TensorRT, "cpu" for the others)."""
+    default "cuda" for TensorRT, "cpu" for the others); `compile`: the torch backend's per-step graphs through
+    torch.compile."""
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    if compile and backend != "torch":
+        raise ValueError(f"compile=True needs backend='torch' (torch.compile runs the graphs' PyTorch modules), "
+                         f"got backend={backend!r}")
     if device is not None:
         check_device(device)
     if backend == "auto":
@@ -51,7 +56,7 @@ def open_engines(folder: str | Path, backend: str = "auto", device: str | None =
     except (ManifestError, CheckpointError) as error:
         raise ValueError(str(error)) from None
     manifest, profile = engines.manifest, BuildProfile(**engines.manifest["profile"])
-    opened = _unavailable_is_value_error(_engine_backend, backend, engines, profile, device)
+    opened = _unavailable_is_value_error(_engine_backend, backend, engines, profile, device, compile)
     return OpenedBuild(opened, configs, profile, {name: engines.declaration(name) for name in engines.graphs})
 
 
@@ -60,11 +65,12 @@ def check_device(device) -> None:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _engine_backend(backend: str, engines: EngineFolder, profile: BuildProfile, device: str) -> Backend:
+def _engine_backend(backend: str, engines: EngineFolder, profile: BuildProfile, device: str,
+                    compile: bool = False) -> Backend:
     manifest = engines.manifest
     if backend == "torch":
         return _torch_backend(_built_checkpoint(manifest), profile, manifest["precision"],
-                              manifest["overrides"] or None, manifest["backend"], device)
+                              manifest["overrides"] or None, manifest["backend"], device, compile)
     if backend == "onnxruntime":
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
