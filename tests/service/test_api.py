@@ -205,22 +205,24 @@ def test_incompatible_requests_are_not_mixed(server, image_runner):
             np.testing.assert_array_equal(pixels(response.content), image_runner(**body).images[0])
 
 
-def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner):
-    """A replica killed during a long request: the client gets 503 or the correct result (Ray Serve re-sends it
-    to the restarted replica) within a bounded time, and the next requests succeed."""
+def test_killed_replica_gives_503_then_recovers(server, t2i_b4, image_runner, image_seconds):
+    """A replica killed during a long request (killed a quarter into it, still running): the client gets 503 or
+    the correct result (Ray Serve re-sends it to the restarted replica) within a bounded time, and the next
+    requests succeed."""
     import ray
 
     from serve.app import model_id
 
     import requests
 
-    long = {"prompt": "a slow one", "seed": 9, "num_inference_steps": 16, "num_diffusion_steps": 400}
+    long = {"prompt": "a slow one", "seed": 9, **LONG}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, f"{server}/v1/images", long)
-        time.sleep(1.0)  # the request is now being generated (about 2.5 s of work)
+        time.sleep(image_seconds(LONG["num_diffusion_steps"]) / 4)  # the request is now being generated
         replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
                     if actor["namespace"] == "serve" and f"nova#{model_id(t2i_b4)}#" in actor["name"]]
         assert len(replicas) == 1, replicas
+        assert not pending.done(), "the long request ended before the replica was killed"
         started = time.monotonic()
         ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
         health = requests.get(f"{server}/healthz", timeout=TIMEOUT)
