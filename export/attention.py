@@ -1,7 +1,8 @@
 """Which operators an exported graph computes attention with, and the exporter translation that makes them.
 
 Every graph's attention is `F.scaled_dot_product_attention` (runtime/model/transformer.py; Phi-2's
-through transformers' SDPA path). How the ONNX graph spells it is a build choice, by backend:
+through transformers' SDPA path). How the ONNX graph spells it is a build choice, by backend
+(`export.onnx_export.export_forms`):
 
 - `standard`: MatMul / Softmax (+ Where for a boolean mask) at opset 20, the exporter's own translation.
   Every backend runs it; TensorRT's parser fuses this pattern into its own attention kernels.
@@ -22,20 +23,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime.graphs.contract import ATTENTION_FORMS
 
-
-def attention_form(backend: str, exporter: str) -> str:
-    """The attention form a build exports: ONNX Runtime's fused op for ONNX Runtime engines (the translation
-    is the dynamo exporter's; TorchScript builds stay standard), standard ops for TensorRT's parser."""
-    return "ort-mha" if backend == "onnxruntime" and exporter == "dynamo" else "standard"
-
-
-def translation_table(form: str) -> dict[Callable, Callable] | None:
-    """The dynamo exporter's `custom_translation_table` for `form` (None: the exporter's own ops)."""
-    if form not in ATTENTION_FORMS:
-        raise ValueError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {form!r}")
-    if form == "standard":
+def translation_table(form: str | None) -> dict[Callable, Callable] | None:
+    """The dynamo exporter's `custom_translation_table` for `form` (None: the exporter's own ops; forms are checked
+    where a build declares them, `build_specs`)."""
+    if form != "ort-mha":
         return None
     import torch
 

@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export import manifest as mf
-from export.attention import attention_form
-from export.convolution import conv3d_form
-from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_graph
+from export.onnx_export import DEFAULT_EXPORTER, OPSET, export_forms, export_graph
 from export.validate import (TOLERANCES, NotRunnable, ValidationError, compare_cases, ort_session, reference_cases,
                              temporal_sequence)
 from runtime.checkpoint import check_weights
@@ -197,8 +195,7 @@ class Builder:
             raise BuildError(str(error)) from None
         try:
             self.modules = ModuleCache(o.checkpoint)
-            self.forms = {"attention": attention_form(self.backend, o.exporter),
-                          "conv3d": conv3d_form(self.backend, o.exporter)}
+            self.forms = export_forms(self.backend, o.exporter)
             self.specs = build_specs(self.checkpoint, o.profile, o.precision, o.overrides, self.backend, self.modules,
                                      **self.forms)
             self.geometry = Geometry.from_config(self.checkpoint.transformer, o.profile)

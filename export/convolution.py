@@ -1,7 +1,8 @@
 """How an exported graph computes 3-D convolutions, and the exporter translation that makes them.
 
 The video VAE's convolutions are causal `nn.Conv3d`s (runtime/model/vae_opensora.py: time padded in front by a
-replicate pad, kernel 3 in time). How the ONNX graph spells them is a build choice, by backend:
+replicate pad, kernel 3 in time). How the ONNX graph spells them is a build choice, by backend
+(`export.onnx_export.export_forms`):
 
 - `native`: one 5-D `Conv` per convolution, the exporter's own translation. TensorRT and cuDNN run 3-D
   convolutions natively.
@@ -19,20 +20,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime.graphs.contract import CONV3D_FORMS
 
-
-def conv3d_form(backend: str, exporter: str) -> str:
-    """The 3-D convolution form a build exports: frames-as-channels for ONNX Runtime engines (the translation is
-    the dynamo exporter's; TorchScript builds stay native), native 5-D convolutions for TensorRT."""
-    return "frames" if backend == "onnxruntime" and exporter == "dynamo" else "native"
-
-
-def translation_table(form: str) -> dict[Callable, Callable] | None:
+def translation_table(form: str | None) -> dict[Callable, Callable] | None:
     """The dynamo exporter's `custom_translation_table` entries for `form` (None: the exporter's own ops)."""
-    if form not in CONV3D_FORMS:
-        raise ValueError(f"conv3d form must be one of {', '.join(CONV3D_FORMS)}, got {form!r}")
-    if form == "native":
+    if form != "frames":
         return None
     import torch
 

@@ -131,10 +131,18 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
             "total_seconds": round(time.perf_counter() - start, 3)}
 
 
+def export_forms(backend: str, exporter: str) -> dict[str, str]:
+    """The operator forms a build's graphs are exported in (`GraphSpec.attention` and `.conv3d`): ONNX Runtime's
+    (its fused attention op, video convolutions as 2-D ones over the frames) for ONNX Runtime engines exported
+    by dynamo, whose custom translations make them; the standard ONNX forms for TensorRT's parser and
+    TorchScript builds."""
+    onnxruntime = backend == "onnxruntime" and exporter == "dynamo"
+    return {"attention": "ort-mha" if onnxruntime else "standard", "conv3d": "frames" if onnxruntime else "native"}
+
+
 def _translations(spec: GraphSpec) -> dict | None:
     """The dynamo exporter's custom translations for the graph's declared attention and 3-D convolution forms."""
-    table = {**(attention_translations(spec.attention or "standard") or {}),
-             **(conv3d_translations(spec.conv3d or "native") or {})}
+    table = {**(attention_translations(spec.attention) or {}), **(conv3d_translations(spec.conv3d) or {})}
     return table or None
 
 

@@ -58,7 +58,7 @@ def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: st
     """Every graph of a checkpoint under `profile`, in build order. `modules` supplies the weights on
     first use of a graph's module (a fresh cache of the checkpoint's modules by default); `attention` and
     `conv3d`: the forms the graphs with attention and 3-D convolutions are exported in (`ATTENTION_FORMS`,
-    `CONV3D_FORMS`; export/attention.py and export/convolution.py choose them per build)."""
+    `CONV3D_FORMS`; `export.onnx_export.export_forms` chooses them per build)."""
     if attention not in ATTENTION_FORMS:
         raise ValueError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
     if conv3d not in CONV3D_FORMS:
