@@ -16,11 +16,13 @@ code draws in the model's dtype.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
 
 from runtime.graphs.profile import PRECISION_DTYPES
+from runtime.options import SEED, SEED_LIMIT
 
 
 def torch_dtype(dtype: Any):
@@ -115,12 +117,36 @@ class NumpyDraws:
         return np.argsort(self.uniform(shape, dtype), axis=1, kind="stable")
 
 
-def seeded(seed: int | None) -> RandomDraws | NumpyDraws:
-    """Draws from `seed` (None: a random one): a torch.Generator's where torch is installed (the reference's
-    numbers), else numpy's."""
+def call_draws(seed: int | None, generator, torch_module) -> RandomDraws | NumpyDraws:
+    """The draws of one runner call: the generator's (a torch.Generator), else the seed's, else torch's global
+    generator (as the official pipeline without one). torch_module: torch, or None where it is not installed
+    (numpy draws)."""
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("give at most one of seed and generator")
+        return RandomDraws(generator)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not SEED.minimum <= seed <= SEED.maximum):
+        raise ValueError(f"seed must be an integer in [0, 2**{SEED_LIMIT.bit_length() - 1}), got {seed!r}")
+    if torch_module is None:
+        return NumpyDraws(seed)
+    return RandomDraws(None if seed is None else torch_module.Generator().manual_seed(int(seed)))
+
+
+def installed_torch():
+    """torch, for the seeded draws, or None where it is not installed (numpy draws)."""
     try:
         import torch
     except ImportError:
+        return None
+    return torch
+
+
+def seeded(seed: int | None) -> RandomDraws | NumpyDraws:
+    """Draws from `seed` (None: a random one): a torch.Generator's where torch is installed (the reference's
+    numbers), else numpy's."""
+    torch = installed_torch()
+    if torch is None:
         return NumpyDraws(seed)
     generator = torch.Generator()
     if seed is None:

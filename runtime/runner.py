@@ -27,12 +27,8 @@ seeds draw from numpy instead (`runtime.draws.NumpyDraws`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import numbers
 import threading
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Generator, Iterator, Sequence
 
@@ -47,9 +43,10 @@ from runtime.cancellation import NEVER, StopSignal
 from runtime.configs import CheckpointConfigs
 from runtime.decoder import Decoder
 from runtime.diffusion_loops import DiffusionLoop, diffusion_loop
-from runtime.draws import NumpyDraws, RandomDraws
+from runtime.draws import NumpyDraws, RandomDraws, call_draws, installed_torch
 from runtime.graphs.capabilities import BuildCapabilities
 from runtime.graphs.profile import BuildProfile, Geometry, frame_position
+from runtime.progress import Progress, StageTimer, StepCounter
 from runtime.request import Request, validate_request
 from runtime.schedules import SamplerTable, mask_schedule
 
@@ -65,51 +62,12 @@ class RunnerOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class Progress:
-    """Where a generation stands after a mask step (`on_step`): the latent frames it generates (a prefilled
-    image-to-video frame is not one) and their mask steps, done and in all."""
-
-    frames_done: int
-    frames: int
-    mask_steps_done: int
-    mask_steps: int
-
-
-class _Steps:
-    """Counts mask steps for the tqdm bar and the caller's `on_step`."""
-
-    def __init__(self, bar, on_step: Callable[[Progress], None] | None, frames: int, steps_per_frame: int):
-        self.bar, self.on_step, self.frames, self.per_frame, self.done = bar, on_step, frames, steps_per_frame, 0
-
-    def step(self) -> None:
-        self.done += 1
-        self.bar.update(1)
-        if self.on_step is not None:
-            self.on_step(Progress(self.done // self.per_frame, self.frames, self.done, self.frames * self.per_frame))
-
-
-@dataclasses.dataclass(frozen=True)
 class _Plan:
     """A validated request and what follows from it alone, computed once."""
 
     request: Request
     schedule: list[int]  # tokens predicted per mask step
     sampler: SamplerTable
-
-
-class _Timer:
-    def __init__(self, backend: Backend, enabled: bool):
-        self.backend, self.enabled, self.seconds = backend, enabled, defaultdict(float)
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        if not self.enabled:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        self.backend.synchronize()
-        self.seconds[name] += time.perf_counter() - start
 
 
 class NOVARunner:
@@ -130,7 +88,7 @@ class NOVARunner:
         self.build = BuildCapabilities(profile, self.geometry, frozenset(self.graphs), configs.video_vae)
         self.tokenizer = PromptTokenizer.from_folder(configs.tokenizer)
         self._draw_dtype = self.graphs["denoise"]["precision"]  # draws in the head's dtype, as the reference
-        self._torch = _torch_if_installed()  # imported now: a first request's timing is the generation's alone
+        self._torch = installed_torch()  # imported now: a first request's timing is the generation's alone
         self._lock = threading.Lock()
         missing = [name for name in self.graphs if name not in backend.graphs]
         if missing:
@@ -179,9 +137,9 @@ class NOVARunner:
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r} (the compiled VAE "
                              f"graphs emit uint8 pixels: for 'pt' use runtime.reference.ReferencePipeline)")
-        plan, draws = self._plan(prompt, options), draws or self._draws(seed, generator)
+        plan, draws = self._plan(prompt, options), draws or call_draws(seed, generator, self._torch)
         progress = progress if disable_progress_bar is None else not disable_progress_bar
-        timer, chunks = _Timer(self.backend, return_timings), []
+        timer, chunks = StageTimer(self.backend, return_timings), []
         with self._lock:
             latents = _drain(self._generate(plan, draws, timer, stop, progress, on_step, output_type != "latent"),
                              chunks.append)
@@ -202,11 +160,11 @@ class NOVARunner:
         Takes the options of `__call__` except `return_timings` and `progress`. The request is checked
         when this is called, before the first frame is asked for. The runner is held from the first frame
         asked for until the generator ends, is closed, or is dropped."""
-        plan, draws = self._plan(prompt, options), draws or self._draws(seed, generator)
+        plan, draws = self._plan(prompt, options), draws or call_draws(seed, generator, self._torch)
 
         def chunks() -> Iterator[np.ndarray]:
             with self._lock:
-                yield from self._generate(plan, draws, _Timer(self.backend, False), stop, False, on_step)
+                yield from self._generate(plan, draws, StageTimer(self.backend, False), stop, False, on_step)
 
         return chunks()
 
@@ -221,25 +179,12 @@ class NOVARunner:
         self.build.check(request, plan.schedule)
         return plan
 
-    def _draws(self, seed: int | None, generator):
-        """torch.Generator draws (the reference's numbers) when torch is installed, else numpy's."""
-        if generator is not None:
-            if seed is not None:
-                raise ValueError("give at most one of seed and generator")
-            return RandomDraws(generator)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2 ** 64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        if self._torch is None:
-            return NumpyDraws(seed)
-        return RandomDraws(None if seed is None else self._torch.Generator().manual_seed(int(seed)))
-
     # -- the loops ------------------------------------------------------------------------------------
     # Buffer lifetime: a graph's output stays valid until that graph has run twice more (`Backend`). The
     # loops rely on it where an output feeds the same graph's next call (x -> denoise, canvas -> place or
     # denoise_loop, the KV cache -> temporal_step) and where one is held while other graphs run (the
     # indicator and anchor through a frame, z_selected through a mask step's diffusion steps).
-    def _generate(self, plan: _Plan, draws, timer: _Timer, stop: StopSignal, progress: bool,
+    def _generate(self, plan: _Plan, draws, timer: StageTimer, stop: StopSignal, progress: bool,
                   on_step: Callable[[Progress], None] | None,
                   decode: bool = True) -> Generator[np.ndarray, None, np.ndarray]:
         """Yield decoded pixels as they become decodable (unless not `decode`); -> the latents [B, C, T, h, w]."""
@@ -269,7 +214,7 @@ class NOVARunner:
         frames = loop_latents - bool(prefilled)
         with tqdm(total=frames * len(plan.schedule), unit="step", desc="mask steps", disable=not progress,
                   leave=False) as bar:
-            steps = _Steps(bar, on_step, frames, len(plan.schedule))
+            steps = StepCounter(bar, on_step, frames, len(plan.schedule))
             for t in range(loop_latents):
                 # 4. temporal step (t >= 1): the previous latent frame through the KV cache
                 if t > 0:
@@ -302,7 +247,7 @@ class NOVARunner:
         count = request.num_prompts
         return feeds.text_rows(request, encoded[:count], encoded[count:] or None, g)
 
-    def _prefilled(self, request: Request, draws, timer: _Timer) -> list[np.ndarray]:
+    def _prefilled(self, request: Request, draws, timer: StageTimer) -> list[np.ndarray]:
         """The frames before generation, each [B_built, C, h, w] (host): image-to-video's image latent, or the
         given `latents` (the official pipeline's continuation)."""
         if request.image is not None:
@@ -312,7 +257,7 @@ class NOVARunner:
                     for frame in request.latents]
         return []
 
-    def _encode_image(self, image: np.ndarray, draws, timer: _Timer) -> np.ndarray:
+    def _encode_image(self, image: np.ndarray, draws, timer: StageTimer) -> np.ndarray:
         """The image's scaled latent, repeated over the built batch [B_built, C, h, w] (host); the posterior
         sample is the request's first draw."""
         g, backend = self.geometry, self.backend
@@ -323,7 +268,7 @@ class NOVARunner:
         return np.repeat(backend.download(encoded), g.batch, axis=0)
 
     def _temporal_step(self, t: int, loop_latents: int, previous: np.ndarray, cache: tuple, anchor, rows: dict,
-                       timer: _Timer):
+                       timer: StageTimer):
         """Frame t >= 1 of the temporal encoder (rows: the uploaded raw_bos, if any). -> (indicator, (k_cache,
         v_cache))."""
         g, upload = self.geometry, self.backend.upload
@@ -348,8 +293,8 @@ class NOVARunner:
                           {"selected": selected, "valid": upload(step.valid)}))
         return steps
 
-    def _frame(self, loop: DiffusionLoop, mask_steps: list, indicator, draws, timer: _Timer, stop: StopSignal,
-               steps: _Steps) -> np.ndarray:
+    def _frame(self, loop: DiffusionLoop, mask_steps: list, indicator, draws, timer: StageTimer, stop: StopSignal,
+               steps: StepCounter) -> np.ndarray:
         """One latent frame, set by set. -> canvas [B_built, C, h, w] float32 (host)."""
         g, backend = self.geometry, self.backend
         canvas = backend.upload(np.zeros((g.batch, g.channels, *g.latent_size), np.float32))
@@ -371,12 +316,3 @@ def _drain(generator: Generator, sink) -> object:
             sink(next(generator))
         except StopIteration as end:
             return end.value
-
-
-def _torch_if_installed():
-    """torch, for the seeded draws, or None where it is not installed (numpy draws)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch

@@ -45,7 +45,7 @@ from starlette.datastructures import UploadFile
 
 from runtime.cancellation import Cancelled, DeadlineExceeded, StopSignal
 from runtime.options import MAX_REQUEST_BYTES
-from runtime.runner import Progress
+from runtime.progress import Progress
 from serve import defaults, jobs, openai_api
 from serve.errors import Refused
 from serve.progress import Emit, from_thread, progress_event

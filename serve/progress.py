@@ -1,5 +1,5 @@
 """A runner call whose events reach the event loop as they happen: the call runs in a worker thread and hands
-each event (a mask step's `runtime.runner.Progress`, a decoded video window, the result) to the loop in the
+each event (a mask step's `runtime.progress.Progress`, a decoded video window, the result) to the loop in the
 order it made them. Closing the stream before the call ends (a cancelled video job, a client gone from a
 stream: Ray Serve closes the replica's generator) calls `leave`, which sets the call's stop signal, so the
 runner stops within one mask step and is free for the next request."""
@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 from typing import Any, AsyncIterator, Callable
 
-from runtime.runner import Progress
+from runtime.progress import Progress
 
 Emit = Callable[[dict], None]
 _END = object()

@@ -17,8 +17,8 @@ CORE = ("runtime", "runtime.__main__", "runtime.backends", "runtime.backends.bas
         "runtime.cancellation", "runtime.cli", "runtime.configs", "runtime.decoder", "runtime.diffusion_loops",
         "runtime.draws", "runtime.engine_folder", "runtime.feeds", "runtime.files", "runtime.graphs",
         "runtime.graphs.capabilities", "runtime.graphs.profile", "runtime.guidance_plan", "runtime.images",
-        "runtime.media", "runtime.model.config", "runtime.options", "runtime.request", "runtime.runner",
-        "runtime.schedules", "runtime.sources", "runtime.tokenizer", "runtime.variants")
+        "runtime.media", "runtime.model.config", "runtime.options", "runtime.progress", "runtime.request",
+        "runtime.runner", "runtime.schedules", "runtime.sources", "runtime.tokenizer", "runtime.variants")
 # The torch layer: the modules, the graphs and their declarations, weights, the eager reference, the build.
 TORCH_LAYER = ("runtime.backends.torch_backend", "runtime.checkpoint", "runtime.graphs.common",
                "runtime.graphs.contract", "runtime.graphs.denoise", "runtime.graphs.spatial", "runtime.graphs.specs",
@@ -34,7 +34,6 @@ TORCH_ALLOWED = {
     ("runtime.__main__", "runtime.reference"): "the reference command runs the eager pipeline",
     ("runtime.__main__", "torch"): "the reference command seeds a torch.Generator and sets torch's threads",
     ("runtime.draws", "torch"): "RandomDraws: torch.Generator draws, the reference's numbers (else NumpyDraws)",
-    ("runtime.runner", "torch"): "seeded draws from torch.Generator where torch is installed (else numpy's)",
     ("runtime.backends.open", "runtime.backends.torch_backend"): "backend='torch' runs the graphs' torch modules",
     ("runtime.backends.open", "runtime.graphs.specs"): "backend='torch' builds the graphs' torch modules",
     ("runtime.schedules", "torch"): "torch's float32 sqrt and linspace where installed (bit-equal to diffusers); "

@@ -103,7 +103,7 @@ def test_stream_yields_each_video_window_as_it_is_decoded(t2v):
 
 
 def test_on_step_reports_every_mask_step_of_the_generated_frames(t2v):
-    from runtime.runner import Progress
+    from runtime.progress import Progress
 
     runner, _ = t2v
     seen: list[Progress] = []
