@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from export import build_engines
 from export import manifest as mf
 from export import tensorrt_build
 from export.build import BuildError, BuildOptions, Builder, format_table
@@ -294,17 +295,18 @@ def test_cli_backend_tensorrt_without_tensorrt_is_one_sentence_and_nonzero(tiny_
 
 
 @pytest.mark.skipif(TRT_OK, reason="TensorRT is importable here")
-def test_cli_auto_backend_builds_onnx_runtime_artifacts_and_says_why(tiny_t2i, tmp_path):
+def test_cli_auto_backend_builds_onnx_runtime_artifacts_and_says_why(tiny_t2i, tmp_path, capsys):
+    """In this process (each subprocess would spend ~7 s importing the build; the tests above and the Ctrl-C test
+    of tests/test_cli.py run the script itself)."""
     out = tmp_path / "engines"
-    result = _cli("--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
-                  "--exporter", "torchscript", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert "TensorRT is not available on this machine" in result.stdout
-    assert "place.onnx" in result.stdout and "rebuilt" in result.stdout
+    args = ["--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
+            "--exporter", "torchscript", "--no-progress"]
+    assert build_engines.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "TensorRT is not available on this machine" in stdout
+    assert "place.onnx" in stdout and "rebuilt" in stdout
     assert (out / "manifest.json").exists() and (out / "place.onnx").exists()
-    again = _cli("--checkpoint", str(tiny_t2i), "--out", str(out), "--only", "place", "--precision", "fp32",
-                 "--exporter", "torchscript", "--no-progress")
-    assert again.returncode == 0 and "0 rebuilt, 2 reused" in again.stdout  # place and configs/
+    assert build_engines.main(args) == 0 and "0 rebuilt, 2 reused" in capsys.readouterr().out  # place, configs/
 
 
 # -------------------------------------------------------------------------------------------------
