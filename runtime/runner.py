@@ -15,7 +15,8 @@ runs the single-step graphs instead, one launch per diffusion step: spatial -> d
 (`runtime.diffusion_loops`: the two strategies, and when each mask step's noise is drawn and uploaded).
 
 Its parts: `runtime.backends.open` opens a build, `runtime.graphs.capabilities` refuses what the build
-cannot serve, `runtime.guidance_plan` decides the guidance rows and scales, `runtime.decoder` decodes.
+cannot serve, `runtime.guidance_plan` decides the guidance rows and scales, `runtime.decoder` decodes,
+`runtime.draws.call_draws` picks a call's random numbers, `runtime.progress` reports steps and stage times.
 The loops are identical for every backend (torch, onnxruntime, tensorrt), so they are tested on CPU.
 With the same seed the random draws equal the reference pipeline's (torch.Generator; the draws
 follow the official order), so runner and reference agree to rounding. Over an engine folder with
