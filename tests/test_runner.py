@@ -155,6 +155,7 @@ def test_same_seed_same_output_and_replayed_draws(t2i_runner):
     (dict(prompt="a", seed=1, generator=torch.Generator()), "at most one of seed and generator"),
     (dict(prompt="a", seed=1.5), r"seed must be an integer in \[0, 2\*\*64\), got 1.5"),
     (dict(prompt="a", seed=-1), r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (dict(prompt="a", seed=2 ** 64), r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
     (dict(prompt="a", motion_flow="fast"), "motion_flow must be a finite number, got 'fast'"),
     (dict(prompt="a", num_inference_steps=10 ** 12), r"num_inference_steps must be at most 1048576 \(steps beyond a frame's \d+ tokens predict nothing"),
     (dict(prompt=["a", 3]), "prompt must be a string or a list of strings; entry 1 is int 3"),
