@@ -8,6 +8,7 @@ benchmark-only synthetic configurations between "tiny" (per-call overhead only) 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from runtime.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_ROOT = ROOT / "checkpoints" / "synthetic"
@@ -297,6 +300,43 @@ def write_reports(report: dict, folder: Path, name: str, markdown, chart) -> dic
     paths["md"].write_text(markdown(report))
     chart(report, paths["png"])
     return paths
+
+
+DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
+
+
+def comparison_parser(kind: str, doc: str, targets_help: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that compare targets on one request (latency.py, parity.py): the checkpoint,
+    the targets and their engines, the request, threads, and where the report goes (`report_main`). Each script
+    adds its own."""
+    p = argparse.ArgumentParser(prog=f"python benchmarks/{kind}.py", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", help="a NOVA checkpoint folder")
+    source.add_argument("--variant", default="mid-t2i",
+                        help="synthetic variant (runtime variants or benchmark ones: mid-t2i), written to "
+                             "checkpoints/synthetic/ on first use")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--targets", default=None, help=targets_help)
+    p.add_argument("--engines", metavar="[PRECISION=]DIR", action="append", default=[],
+                   help="use this engine folder for the engine targets of that precision instead of building one")
+    p.add_argument("--engines-root", type=Path, default=ROOT / "engines",
+                   help="where engines built by this run go (bench-<checkpoint>-<precision>; reused when unchanged)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="exporter for built engines")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default,
+                   help="mask steps (num_inference_steps)")
+    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default,
+                   help="num_diffusion_steps")
+    p.add_argument("--frames", type=int, default=1, help="latent frames (max_latent_length); 9 = 33 video frames")
+    p.add_argument("--guidance-scale", type=float, default=OPTIONS["guidance_scale"].default)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per target (torch and ONNX Runtime alike); 1 suits a shared 2-core machine")
+    p.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<date>-<device>)")
+    p.add_argument("--name", help=f"report file name without extension (default {kind}-<checkpoint>)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of an existing report")
+    return p
 
 
 def report_main(args, run, markdown, chart, kind: str, summary_until: str) -> int:

@@ -44,10 +44,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks import common  # noqa: E402
 from benchmarks.targets import STAGES, TargetSpec  # noqa: E402
-from runtime.options import OPTIONS  # noqa: E402
 
 PROTOCOL = "@@bench "
-DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
 GRAPH_STAGE = {"text_encoder": "text", "temporal_prefill": "temporal", "temporal_step": "temporal",
                "spatial": "spatial", "denoise": "denoise", "place": "denoise", "denoise_loop": "denoise",
                "vae_decoder": "vae",
@@ -55,44 +53,18 @@ GRAPH_STAGE = {"text_encoder": "text", "temporal_prefill": "temporal", "temporal
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR", help="a NOVA checkpoint folder")
-    source.add_argument("--variant", default="mid-t2i",
-                        help="synthetic variant (runtime variants or benchmark ones: mid-t2i), written to "
-                             "checkpoints/synthetic/ on first use")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--targets", default=None,
-                   help="comma list of KIND:PRECISION (official, reference, torch, inductor: torch with "
-                        "torch.compile, onnxruntime, tensorrt); default: "
-                        "reference:fp32,torch:fp32,onnxruntime:fp32 on cpu, reference:fp16,torch:fp16 on cuda")
+    p = common.comparison_parser(
+        "latency", __doc__, "comma list of KIND:PRECISION (official, reference, torch, inductor: torch with "
+        "torch.compile, onnxruntime, tensorrt); default: reference:fp32,torch:fp32,onnxruntime:fp32 on cpu, "
+        "reference:fp16,torch:fp16 on cuda")
     p.add_argument("--official", metavar="PATH", type=Path,
                    help="a checkout of the official code (baaivision/NOVA): adds the official target "
                         "(official:fp32 on cpu, official:fp16 on cuda) unless --targets names it")
-    p.add_argument("--engines", metavar="[PRECISION=]DIR", action="append", default=[],
-                   help="use this engine folder for the engine targets of that precision instead of building one")
-    p.add_argument("--engines-root", type=Path, default=common.ROOT / "engines",
-                   help="where engines built by this run go (bench-<checkpoint>-<precision>; reused when unchanged)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="exporter for built engines")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default,
-                   help="mask steps (num_inference_steps)")
-    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default,
-                   help="num_diffusion_steps")
-    p.add_argument("--frames", type=int, default=1, help="latent frames (max_latent_length); 9 = 33 video frames")
-    p.add_argument("--guidance-scale", type=float, default=OPTIONS["guidance_scale"].default)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per target before the repetitions")
     p.add_argument("--repetitions", type=int, default=5, help="timed runs per target")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per target (torch and ONNX Runtime alike); 1 suits a shared 2-core machine")
     p.add_argument("--stage-runs", choices=("auto", "same", "separate"), default="auto",
                    help="per-stage timings from the timed runs themselves (same) or from extra instrumented "
                         "runs (separate; auto = separate on cuda, where timing regions synchronize)")
-    p.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<date>-<device>)")
-    p.add_argument("--name", help="report file name without extension (default latency-<checkpoint>)")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of an existing report")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 

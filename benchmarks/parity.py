@@ -40,37 +40,15 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 from benchmarks.targets import TargetSpec  # noqa: E402
-from runtime.options import OPTIONS  # noqa: E402
-
-DEFAULT_PROMPT = "a corgi wearing sunglasses on a beach at sunset"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/parity.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR", help="a NOVA checkpoint folder")
-    source.add_argument("--variant", default="mid-t2i", help="synthetic variant (see latency.py)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--targets", default=None,
-                   help="comma list of KIND:PRECISION; default: torch:fp32,onnxruntime:fp32,onnxruntime:fp16 on cpu, "
-                        "reference:fp16,torch:fp16,torch:bf16 on cuda")
-    p.add_argument("--engines", metavar="[PRECISION=]DIR", action="append", default=[])
-    p.add_argument("--engines-root", type=Path, default=common.ROOT / "engines")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=OPTIONS["num_inference_steps"].default)
-    p.add_argument("--diffusion-steps", type=int, default=OPTIONS["num_diffusion_steps"].default)
-    p.add_argument("--frames", type=int, default=1)
-    p.add_argument("--guidance-scale", type=float, default=OPTIONS["guidance_scale"].default)
+    p = common.comparison_parser(
+        "parity", __doc__, "comma list of KIND:PRECISION (reference, torch, inductor, onnxruntime, tensorrt); "
+        "default: torch:fp32,onnxruntime:fp32,onnxruntime:fp16 on cpu, reference:fp16,torch:fp16,torch:bf16 on cuda")
     p.add_argument("--graph-samples", type=int, default=3, help="calls compared per graph (evenly spread)")
     p.add_argument("--no-self-drift", action="store_true", help="skip the reference-against-itself baseline")
     p.add_argument("--no-fp64", action="store_true", help="skip the per-graph float64 rounding baseline")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", metavar="DIR")
-    p.add_argument("--name", help="report file name without extension (default parity-<checkpoint>)")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of an existing report")
     return p
 
 
