@@ -282,18 +282,19 @@ def test_closed_stream_stops_its_generation(server, t2v9):
 
 def test_deadline_gives_504_and_frees_the_replica(cluster, t2v9):
     """The tight app's 4 s video deadline: a video at the diffusion-step cap with a mask step per token (24: over
-    12 s of work) gets 504 at its deadline (within
-    a mask step), and the next video is served as fast as it is alone."""
-    runner = NOVARunner.from_engines(t2v9)
+    12 s of work) gets 504 at its deadline (within a mask step), and the next video is served as fast as it is
+    alone. The next one is a short video (one window): the deadline holds it too, and the 9-latent video took
+    over 4 s there when the other test worker loaded the machine (a CI run failed so)."""
+    runner, short = NOVARunner.from_engines(t2v9), {**VIDEO, "max_latent_length": 2}
     alone = time.monotonic()
-    runner("waves", seed=4, **VIDEO)
+    runner("waves", seed=4, **short)
     alone = time.monotonic() - alone
     too_long = {**VIDEO, "num_inference_steps": 24, "num_diffusion_steps": 1000}  # a mask step per token, at the cap
     response, seconds = _timed_post(f"{cluster['tight']}/v1/videos", {"prompt": "too long", **too_long})
     assert response.status_code == 504 and "deadline" in response.json()["error"], response.text
     assert VIDEO_DEADLINE_S <= seconds < VIDEO_DEADLINE_S + 2, f"504 after {seconds:.1f} s"
-    response, seconds = _timed_post(f"{cluster['tight']}/v1/videos", {"prompt": "waves", "seed": 4, **VIDEO})
-    assert response.status_code == 200
+    response, seconds = _timed_post(f"{cluster['tight']}/v1/videos", {"prompt": "waves", "seed": 4, **short})
+    assert response.status_code == 200, f"{response.status_code} after {seconds:.1f} s ({alone:.1f} s alone)"
     assert seconds < 3 * alone + 2, f"the next video took {seconds:.1f} s, {alone:.1f} s alone"
 
 
