@@ -11,8 +11,9 @@ Two counts per request:
   only, the diffusion MLP on exactly the tokens of each step). The same numerator for every backend,
   so achieved FLOP/s compare like time does.
 - `executed`: what the runner's graphs compute (spatial encoder half on the known tokens rounded up
-  to a bucket of N / 8, the diffusion MLP on n_max rows every step, its condition projection once per
-  mask step in denoise_loop). executed / useful is the price of bounded shapes.
+  to a bucket of N / 8, the last spatial block on the n_max selected tokens' queries, the diffusion MLP on
+  n_max rows every step, its condition projection once per mask step in denoise_loop). executed / useful is
+  the price of bounded shapes, less what the official code computes and never reads.
 """
 
 from __future__ import annotations
@@ -65,13 +66,17 @@ def temporal_frame(config, t: int, rows: int) -> float:
     return rows * (blocks + extra)
 
 
-def spatial_step(config, known: int, rows: int) -> float:
+def spatial_step(config, known: int, rows: int, selected: int | None = None) -> float:
     """One mask step of the spatial encoder with `known` generated tokens: blocks 0..d/2-1 on the
-    indicator plus the known tokens, blocks d/2..d-1 on the indicator plus all N tokens."""
+    indicator plus the known tokens, blocks d/2..d-1 on the indicator plus all N tokens. selected: the
+    runner's form, whose last block runs only the `selected` tokens' queries (and projects every token's
+    keys and values, 4·D² per token); None: the official one, all tokens through every block."""
     n = _config_numbers(config)
     D, N, Nv, half = n["D"], n["N"], n["Nv"], n["image_depth"] // 2
     patch_embed = 2.0 * N * n["token_dim"] * D
-    return rows * (half * block(D, Nv + known) + (n["image_depth"] - half) * block(D, Nv + N) + patch_embed)
+    last = block(D, Nv + N) if selected is None else block(D, Nv + N, queries=selected) + 4.0 * D * D * (Nv + N)
+    return rows * (half * block(D, Nv + known) + (n["image_depth"] - half - 1) * block(D, Nv + N) + last
+                   + patch_embed)
 
 
 def diffusion_token(config) -> float:
@@ -144,7 +149,7 @@ def request(config, text_config: dict[str, Any], vae_config: dict[str, Any], *,
     temporal = sum(temporal_frame(config, t, rows) for t in range(frames))
     known = [sum(schedule[:i]) for i in range(len(schedule))]
     spatial_useful = frames * sum(spatial_step(config, k, rows) for k in known)
-    spatial_executed = frames * sum(spatial_step(config, known_slots(n["N"], k), rows) for k in known)
+    spatial_executed = frames * sum(spatial_step(config, known_slots(n["N"], k), rows, n_max) for k in known)
     denoise_useful = frames * diffusion_steps * sum(diffusion_call(config, count, rows) for count in schedule)
     # the runner's denoise_loop (the benchmark builds it for the request's step count): the condition
     # projection once per mask step instead of once per diffusion step, the timestep projection once per

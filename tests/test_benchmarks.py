@@ -72,8 +72,9 @@ def test_request_totals_match_the_spec():
         assert close(total["useful"]["text"], 2.62e12) and close(total["useful"]["vae"], 10.47e12)
         # the spec's diffusion totals are 2-4 % above its own per-row figure times the token count
         assert close(total["useful"]["denoise"], {768: 8.5e12, 1024: 15.0e12, 1536: 33.5e12}[width], 0.05)
-        # known-token slots in buckets of N / 8: the table of engines/README.md (+4 %)
-        assert 1.02 * total["useful"]["spatial"] < total["executed"]["spatial"] < 1.06 * total["useful"]["spatial"]
+        # known-token slots in buckets of N / 8 (+4 %, the table of engines/README.md), less the last block's
+        # queries of the tokens nobody reads (-4 %)
+        assert total["useful"]["spatial"] < total["executed"]["spatial"] < 1.01 * total["useful"]["spatial"]
     from runtime.model.vae_opensora import OSP480_VAE_CONFIG
 
     video = flops.request(released(0), PHI2, OSP480_VAE_CONFIG, frames=9, text_rows=2)
