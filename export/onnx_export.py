@@ -84,12 +84,9 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
     """Write `path` (+ `path`.data) for `spec` traced from `module`. -> info (exporter, seconds)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    if spec.attention not in (None, "standard") and exporter != "dynamo":
-        raise ExportError(f"graph {spec.name!r} declares {spec.attention} attention, which only the dynamo exporter "
-                          f"writes")
-    if spec.conv3d not in (None, "native") and exporter != "dynamo":
-        raise ExportError(f"graph {spec.name!r} declares {spec.conv3d} 3-D convolutions, which only the dynamo "
-                          f"exporter writes")
+    if exporter != "dynamo" and _translations(spec):  # the declared forms are made by dynamo's custom translations
+        raise ExportError(f"graph {spec.name!r} declares attention {spec.attention!r} and 3-D convolutions "
+                          f"{spec.conv3d!r}, whose non-standard forms only the dynamo exporter writes")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = example_inputs(spec)

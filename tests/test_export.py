@@ -16,7 +16,7 @@ import torch
 
 from export.build import BuildOptions, Builder
 from export.manifest import load_manifest
-from export.onnx_export import check_declaration, export_graph
+from export.onnx_export import ExportError, check_declaration, export_graph
 from export.validate import ort_session, temporal_sequence, validate_graph
 from runtime.configs import CheckpointConfigs
 from runtime.graphs import BuildProfile, build_specs
@@ -305,3 +305,16 @@ def test_frames_conv3d_form_equals_conv3d_and_keeps_strided_ones(tmp_path):
         x = torch.randn(2, 4, frames, 7, 6, generator=gen)
         for got, expected in zip(session.run(None, {session.get_inputs()[0].name: x.numpy()}), Convolutions()(x)):
             np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_forms_are_checked_where_a_build_declares_them_and_only_dynamo_writes_the_non_standard_ones(tiny_t2v, tmp_path):
+    configs = CheckpointConfigs.read(tiny_t2v)
+    with pytest.raises(ValueError, match="conv3d form must be one of native, frames, got 'cubes'"):
+        build_specs(configs, BuildProfile(), conv3d="cubes")
+    specs = build_specs(configs, BuildProfile(), attention="ort-mha", conv3d="frames")
+    with pytest.raises(ExportError, match="declares attention 'ort-mha' and 3-D convolutions None, whose non-standard "
+                                          "forms only the dynamo exporter writes"):
+        export_graph(specs["spatial"], None, tmp_path / "spatial.onnx", exporter="torchscript")
+    with pytest.raises(ExportError, match="3-D convolutions 'frames'"):
+        export_graph(specs["vae_decoder"], None, tmp_path / "vae_decoder.onnx", exporter="torchscript")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

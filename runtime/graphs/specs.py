@@ -59,10 +59,9 @@ def build_specs(configs: CheckpointConfigs, profile: BuildProfile, precision: st
     first use of a graph's module (a fresh cache of the checkpoint's modules by default); `attention` and
     `conv3d`: the forms the graphs with attention and 3-D convolutions are exported in (`ATTENTION_FORMS`,
     `CONV3D_FORMS`; `export.onnx_export.export_forms` chooses them per build)."""
-    if attention not in ATTENTION_FORMS:
-        raise ValueError(f"attention form must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
-    if conv3d not in CONV3D_FORMS:
-        raise ValueError(f"conv3d form must be one of {', '.join(CONV3D_FORMS)}, got {conv3d!r}")
+    for kind, form, forms in (("attention", attention, ATTENTION_FORMS), ("conv3d", conv3d, CONV3D_FORMS)):
+        if form not in forms:
+            raise ValueError(f"{kind} form must be one of {', '.join(forms)}, got {form!r}")
     unknown = sorted(set(overrides or {}) - set(GRAPH_NAMES))
     if unknown:
         raise ValueError(f"unknown graph name(s) in precision overrides: {', '.join(unknown)} "
