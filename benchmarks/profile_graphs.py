@@ -1,11 +1,12 @@
 """Where a graph's time goes, by operator: ONNX Runtime's node profile against torch's profiler on the
-same graph module and the same inputs (CPU).
+same graph module and the same inputs (CPU), and with --compile the module through torch.compile as the
+torch backend's `compile=True` runs it (inductor).
 
-    python benchmarks/profile_graphs.py --engines engines/bench-mid-t2i-fp32 --graphs spatial,denoise
+    python benchmarks/profile_graphs.py --engines engines/bench-mid-t2i-fp32 --graphs spatial,denoise --compile
 
 The latency report says which stage dominates and how far its FLOP rate is from the matmul ceiling;
 this says which operators take the time inside one graph (matrix products, attention softmax and
-masking, norms, activations, data movement), per call, for both executions of the graph.
+masking, norms, activations, data movement), per call, for each execution of the graph.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from benchmarks import common  # noqa: E402
 CATEGORIES = [  # (category, substrings of ONNX op types / aten op names), first match wins
     ("matmul", ("MatMul", "Gemm", "FusedMatMul", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
                 "aten::linear", "aten::baddbmm", "Conv", "aten::convolution", "aten::_convolution",
-                "aten::mkldnn_convolution", "aten::conv")),
+                "aten::mkldnn_convolution", "aten::conv", "mkl::_mkl_linear", "mkldnn::_linear_pointwise",
+                "mkldnn::_convolution_pointwise")),
     ("attention (sdpa/softmax/mask)", ("MultiHeadAttention", "Softmax", "aten::_softmax", "aten::softmax",
                                        "scaled_dot_product", "aten::_safe_softmax", "aten::masked_fill",
                                        "aten::logical_not")),
@@ -41,6 +43,10 @@ CATEGORIES = [  # (category, substrings of ONNX op types / aten op names), first
                        "aten::permute", "aten::transpose", "aten::view", "aten::split", "aten::chunk",
                        "aten::narrow", "aten::slice", "aten::empty", "aten::zeros", "aten::full",
                        "aten::ones", "aten::fill_")),
+    # inductor's generated kernels (norms, activations, adds, copies fused) run inside its graph's call
+    ("fused (inductor kernels)", ("CompiledFxGraph",)),
+    ("compiled-code entry (guards, wrappers)", ("TorchDynamo", "Torch-Compiled Region", "Pregraph bytecode",
+                                                "AOTDispatcher")),
 ]
 
 
@@ -89,7 +95,9 @@ def profile_torch(module, spec, inputs: dict[str, Any], runs: int) -> dict[str, 
 
     tensors = {k: torch.from_numpy(v) if hasattr(v, "dtype") and not torch.is_tensor(v) else v
                for k, v in inputs.items()}
-    run_module(spec, module, tensors)
+    start = time.perf_counter()
+    run_module(spec, module, tensors)  # warm-up (a compiled module compiles here)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(runs):
         run_module(spec, module, tensors)
@@ -99,7 +107,8 @@ def profile_torch(module, spec, inputs: dict[str, Any], runs: int) -> dict[str, 
             run_module(spec, module, tensors)
     # self time per op: children are not counted twice
     per_op = {e.key: e.self_cpu_time_total / 1e6 / runs for e in prof.key_averages() if e.self_cpu_time_total > 0}
-    return {"wall_per_call_s": wall, "per_op_s": dict(sorted(per_op.items(), key=lambda kv: -kv[1]))}
+    return {"wall_per_call_s": wall, "first_call_s": first,
+            "per_op_s": dict(sorted(per_op.items(), key=lambda kv: -kv[1]))}
 
 
 def by_category(per_op: dict[str, float]) -> dict[str, float]:
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graphs", default="spatial,denoise")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="also profile the module through torch.compile, as the torch backend's compile=True runs it")
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--name")
     args = p.parse_args(argv)
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from runtime.backends.torch_backend import Compiled
     from runtime.configs import CheckpointConfigs
     from runtime.engine_folder import EngineFolder
     from runtime.graphs.profile import BuildProfile
@@ -138,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = specs[graph]
         inputs = {k: v.numpy() for k, v in spec.sample(spec.dims_at("opt"), torch.Generator().manual_seed(0)).items()}
         print(f"profiling {graph}", file=sys.stderr)
-        ort_result = profile_ort(engines.onnx_path(graph), inputs, args.runs, args.threads)
-        torch_result = profile_torch(spec.build(), spec, inputs, args.runs)
-        results[graph] = {"onnxruntime": {**ort_result, "by_category_s": by_category(ort_result["per_op_s"])},
-                          "torch": {**torch_result, "by_category_s": by_category(torch_result["per_op_s"])}}
+        module = spec.build()
+        runs = {"onnxruntime": profile_ort(engines.onnx_path(graph), inputs, args.runs, args.threads),
+                "torch": profile_torch(module, spec, inputs, args.runs)}
+        if args.compile:
+            with torch.no_grad():
+                runs["inductor"] = profile_torch(Compiled(module, spec), spec, inputs, args.runs)
+        results[graph] = {name: {**r, "by_category_s": by_category(r["per_op_s"])} for name, r in runs.items()}
     report = {"benchmark": "graph profile", "environment": env, "engines": str(args.engines),
               "checkpoint": manifest["checkpoint"], "precision": manifest["precision"], "runs": args.runs,
               "threads": args.threads, "graphs": results}
@@ -153,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+LABELS = {"onnxruntime": "ONNX Runtime", "torch": "torch eager", "inductor": "torch.compile (inductor)"}
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"# Graph profile: {report['checkpoint']['name']} ({report['precision']}) on {env['device_name']}", "",
@@ -160,26 +178,27 @@ def markdown(report: dict[str, Any]) -> str:
              f"- {report['runs']} profiled calls per graph after a warm-up, {report['threads']} thread(s); inputs: "
              f"the graph declaration's sample at its opt shape; times per call", "",
              "Operator self-times are summed per category (ONNX Runtime: node kernel times; torch: profiler self "
-             "CPU time, which includes the profiler's own per-op cost).", ""]
-    for graph, r in report["graphs"].items():
-        ort_r, torch_r = r["onnxruntime"], r["torch"]
-        lines += [f"## {graph}", "",
-                  f"Wall time per call: ONNX Runtime {ort_r['wall_per_call_s'] * 1e3:.2f} ms, torch eager "
-                  f"{torch_r['wall_per_call_s'] * 1e3:.2f} ms (without profiler).", "",
-                  "| category | ONNX Runtime ms | share | torch ms | share |", "|---|---:|---:|---:|---:|"]
-        ort_total = sum(ort_r["by_category_s"].values()) or 1
-        torch_total = sum(torch_r["by_category_s"].values()) or 1
-        for cat in dict.fromkeys([*ort_r["by_category_s"], *torch_r["by_category_s"]]):
-            o, t = ort_r["by_category_s"].get(cat, 0.0), torch_r["by_category_s"].get(cat, 0.0)
-            lines.append(f"| {cat} | {o * 1e3:.2f} | {100 * o / ort_total:.0f}% | {t * 1e3:.2f} | "
-                         f"{100 * t / torch_total:.0f}% |")
-        lines += ["", "Top operators:", "", "| ONNX Runtime op | ms | torch op | ms |", "|---|---:|---|---:|"]
-        top_o, top_t = list(ort_r["per_op_s"].items())[:8], list(torch_r["per_op_s"].items())[:8]
-        for i in range(max(len(top_o), len(top_t))):
-            o = top_o[i] if i < len(top_o) else ("", None)
-            t = top_t[i] if i < len(top_t) else ("", None)
-            lines.append(f"| {o[0]} | {'' if o[1] is None else f'{o[1] * 1e3:.2f}'} | {t[0]} | "
-                         f"{'' if t[1] is None else f'{t[1] * 1e3:.2f}'} |")
+             "CPU time, which includes the profiler's own per-op cost; inductor's generated kernels count in its "
+             "graph call's self time).", ""]
+    for graph, runs in report["graphs"].items():
+        names = list(runs)
+        walls = ", ".join(f"{LABELS[n]} {runs[n]['wall_per_call_s'] * 1e3:.2f} ms" for n in names)
+        lines += [f"## {graph}", "", f"Wall time per call (without profiler): {walls}.", ""]
+        if "inductor" in runs:
+            lines += [f"First call of the compiled module (compilation): {runs['inductor']['first_call_s']:.1f} s.", ""]
+        lines += ["| category | " + " | ".join(f"{LABELS[n]} ms | share" for n in names) + " |",
+                  "|---|" + "---:|---:|" * len(names)]
+        totals = {n: sum(runs[n]["by_category_s"].values()) or 1 for n in names}
+        for cat in dict.fromkeys(c for n in names for c in runs[n]["by_category_s"]):
+            cells = [(runs[n]["by_category_s"].get(cat, 0.0), totals[n]) for n in names]
+            lines.append(f"| {cat} | " + " | ".join(f"{v * 1e3:.2f} | {100 * v / t:.0f}%" for v, t in cells) + " |")
+        lines += ["", "Top operators:", "", "| " + " | ".join(f"{LABELS[n]} op | ms" for n in names) + " |",
+                  "|" + "---|---:|" * len(names)]
+        tops = [list(runs[n]["per_op_s"].items())[:8] for n in names]
+        for i in range(max(map(len, tops))):
+            cells = [top[i] if i < len(top) else ("", None) for top in tops]
+            lines.append("| " + " | ".join(f"{op} | {'' if ms is None else f'{ms * 1e3:.2f}'}" for op, ms in cells)
+                         + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -183,6 +183,26 @@ def test_parity_script_writes_real_reports(tiny_t2i, t2i_engines, tmp_path):
     check_png(tmp_path / "out" / "parity-tiny-t2i.png")
 
 
+def test_profile_script_writes_real_reports(t2i_engines, tmp_path):
+    """On the session's engine folder, in this process (the --compile column is run by the committed reports:
+    inductor's compilation alone would take tens of seconds here)."""
+    from benchmarks import profile_graphs
+
+    assert profile_graphs.main(["--engines", str(t2i_engines), "--graphs", "spatial,denoise_loop", "--runs", "2",
+                                "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile-tiny-t2i.json").read_text())
+    assert report["threads"] == 1 and report["environment"]["git_commit"]
+    for graph in ("spatial", "denoise_loop"):
+        runs = report["graphs"][graph]
+        assert set(runs) == {"onnxruntime", "torch"}
+        for run in runs.values():
+            assert run["wall_per_call_s"] > 0 and run["by_category_s"]["matmul"] > 0
+            assert sum(run["by_category_s"].values()) == pytest.approx(sum(run["per_op_s"].values()))
+    assert "attention (sdpa/softmax/mask)" in report["graphs"]["spatial"]["torch"]["by_category_s"]
+    markdown = (tmp_path / "profile-tiny-t2i.md").read_text()
+    assert "## denoise_loop" in markdown and "| matmul | " in markdown and "nan" not in markdown.lower()
+
+
 def test_gpu_script_dry_run_on_cpu(tmp_path, tiny_t2v):
     """benchmarks/gpu.sh cannot run here (no GPU): its CPU dry-run mode drives the same steps on tiny models.
     The session's tiny-t2v stands in for the script's synthesis (the `synth` command is tested with the checkpoints)."""

@@ -24,31 +24,48 @@ def test_compiled_graph_matches_its_eager_module(tiny_t2i):
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
     assert set(compiled.compile_seconds) == {"denoise"} and compiled.compile_seconds["denoise"] > 0
-    assert isinstance(compiled.modules["denoise"], torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.modules["denoise"].function, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_each_graph_compiles_under_its_own_freezing_setting(tiny_t2i):
+    """Freezing (weights as prepacked constants) for every compiled graph but the diffusion MLP's in fp32, where MKL's
+    packed sgemm is the slower one (runtime/backends/torch_backend.py); set per call, the process's own left as is."""
+    import torch._inductor.config as inductor
+
+    from runtime.backends.torch_backend import Compiled
+
+    profile = BuildProfile(min_mask_steps=4, diffusion_steps=2)
+    specs = {p: build_specs(CheckpointConfigs.read(tiny_t2i), profile, p) for p in ("fp32", "bf16")}
+    before, seen = inductor.freezing, []
+    for precision, graph, frozen in (("fp32", "denoise", False), ("fp32", "denoise_loop", False),
+                                     ("fp32", "spatial", True), ("bf16", "denoise_loop", True)):
+        compiled = Compiled(torch.nn.Identity(), specs[precision][graph])
+        compiled.function = lambda **inputs: seen.append(inductor.freezing)  # what a compiling call reads
+        compiled(x=torch.zeros(1))
+        assert seen.pop() is frozen and inductor.freezing == before, (precision, graph)
 
 
 def test_runner_compiles_the_per_step_graphs_only(tiny_t2i):
     """`NOVARunner.from_checkpoint(compile=True)` wraps the graphs called per mask or diffusion step; the graphs
     called once per request stay eager (their compile would cost more than it saves). Nothing compiles yet:
     inductor runs on a graph's first call."""
-    from runtime.backends.torch_backend import PER_STEP_GRAPHS
+    from runtime.backends.torch_backend import PER_STEP_GRAPHS, Compiled
     from runtime.runner import NOVARunner
 
     runner = NOVARunner.from_checkpoint(tiny_t2i, BuildProfile(min_mask_steps=4, diffusion_steps=2), compile=True)
-    compiled = {name for name, module in runner.backend.modules.items()
-                if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)}
+    compiled = {name for name, module in runner.backend.modules.items() if isinstance(module, Compiled)}
     assert compiled == PER_STEP_GRAPHS & set(runner.backend.modules)
     assert {"spatial", "denoise_loop"} <= compiled and {"text_encoder", "vae_decoder"}.isdisjoint(compiled)
     assert runner.backend.compile_seconds == {}
 
 
 def test_an_engine_folder_compiles_on_the_torch_backend_only(t2i_engines):
-    from runtime.backends.torch_backend import PER_STEP_GRAPHS
+    from runtime.backends.torch_backend import PER_STEP_GRAPHS, Compiled
     from runtime.runner import NOVARunner
 
     runner = NOVARunner.from_engines(t2i_engines, backend="torch", compile=True)
     assert {name for name, module in runner.backend.modules.items()
-            if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)} == PER_STEP_GRAPHS & set(runner.graphs)
+            if isinstance(module, Compiled)} == PER_STEP_GRAPHS & set(runner.graphs)
     for backend in ("auto", "onnxruntime"):
         with pytest.raises(ValueError, match=f"compile=True needs backend='torch'.*got backend='{backend}'"):
             NOVARunner.from_engines(t2i_engines, backend=backend, compile=True)

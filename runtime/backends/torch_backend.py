@@ -15,12 +15,12 @@ is allocated outside the pool. Everything is queued on torch's current stream; t
 device only where torch does (uploads from pageable memory, downloads) and once per capture.
 
 `compile=True` runs the modules of the graphs a request calls once per latent frame, mask step or diffusion
-step (`PER_STEP_GRAPHS`) through `torch.compile` (inductor; weights frozen into the compiled code on a CPU), each
-compiled on its first call and again when an input shape changes (the spatial graph's known-token bucket: inductor then
-compiles one dynamic-shape version), its FX graph cache under TORCHINDUCTOR_CACHE_DIR keeping the code for later
-processes. The graphs called once per request (text encoder, temporal prefill, VAE) stay eager: 30-100 s of
-compilation each buys milliseconds. On CUDA the captured CUDA graphs replay the compiled kernels (inductor's own CUDA
-graphs stay off: the captures above are this backend's). Measured on the 2-CPU Intel host (AVX-512 / AMX; mid-t2i,
+step (`PER_STEP_GRAPHS`) through `torch.compile` (inductor; weights frozen into the compiled code on a CPU but for
+the diffusion MLP's graphs in fp32: `freezes`), each compiled on its first call and again when an input shape
+changes (the spatial graph's known-token bucket: inductor then compiles one dynamic-shape version), its FX graph
+cache under TORCHINDUCTOR_CACHE_DIR keeping the code for later processes. The graphs called once per request (text
+encoder, temporal prefill, VAE) stay eager: 30-100 s of compilation each buys milliseconds. On CUDA the captured CUDA
+graphs replay the compiled kernels (inductor's own CUDA graphs stay off: the captures above are this backend's). Measured on the 2-CPU Intel host (AVX-512 / AMX; mid-t2i,
 2 threads, benchmarks/results/2026-12-03-cpu2-intel): spatial 80 -> 73 ms per call in fp32 and 45 -> 33 ms in
 bf16, denoise_loop 13 -> 8.6 ms (fp32) and 23 -> 9.4 ms (bf16), after 15-100 s of compilation per graph; off by
 default for that cost. On CUDA it has not run.
@@ -67,6 +67,34 @@ class TorchCudaGraphs(cuda_graphs.Captures):
 PER_STEP_GRAPHS = frozenset({"temporal_step", "spatial", "denoise", "place", "denoise_loop"})
 
 
+# Inductor's freezing folds the weights into the compiled code as constants and, on a CPU, prepacks each Linear's:
+# for MKL's packed sgemm in fp32, for oneDNN (AMX) in bf16. Measured on mid-t2i, both forms compiled in one process
+# and called in turns (benchmarks/results/2026-12-03-cpu2-intel/README.md): the packed sgemm pays on the spatial
+# graph's hundreds of token rows (frozen 120 against 128 ms per call at 1 thread, 66 against 70 at 2) and costs on
+# the diffusion MLP's few dozen (fp32 denoise_loop frozen 11.3 against 9.9 ms at 1 thread, 7.9 against 7.2 at 2, and
+# 49 against 32 s of compilation; the same outputs); bf16 gains from it there too (8.9 against 9.3; 8.5 against 9.4).
+DIFFUSION_MLP_GRAPHS = frozenset({"denoise", "denoise_loop"})
+
+
+def freezes(spec: GraphSpec) -> bool:
+    return not (spec.name in DIFFUSION_MLP_GRAPHS and spec.precision == "fp32")
+
+
+class Compiled:
+    """A graph's module through torch.compile, as `compile=True` runs it (benchmarks/profile_graphs.py profiles the
+    same). Freezing is an inductor setting read when a call compiles (the first, or one with new shapes), so each call
+    runs under its graph's own value (`freezes`), leaving the process's setting as it was."""
+
+    def __init__(self, module: torch.nn.Module, spec: GraphSpec):
+        self.function, self.freezing = torch.compile(module), freezes(spec)
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        import torch._inductor.config as inductor
+
+        with inductor.patch(freezing=self.freezing):
+            return self.function(**inputs)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -84,11 +112,8 @@ class TorchBackend(Backend):
             self._use_cuda_graphs(TorchCudaGraphs())
 
     def _compile(self) -> None:
-        import torch._inductor.config as inductor
-
-        inductor.freezing = True  # weights are constants of an inference graph: folded and prepacked
         self.compile_seconds = {}
-        self.modules = {name: torch.compile(module) if name in PER_STEP_GRAPHS else module
+        self.modules = {name: Compiled(module, self.specs[name]) if name in PER_STEP_GRAPHS else module
                         for name, module in self.modules.items()}
 
     def _use_cuda_graphs(self, captures: cuda_graphs.Captures) -> None:
