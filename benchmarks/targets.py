@@ -203,19 +203,17 @@ class Target:
         self.clock.reset()
         self.graph_clock.reset()
         self.clock.enabled = self.graph_clock.enabled = instrument
+        # Every target draws from a generator on its device, as the official code must (its draws are made on the
+        # model's device): a CUDA generator's numbers are not a CPU one's, so only then are pixels comparable.
+        draws_kwargs = {"generator": torch.Generator(self.device).manual_seed(seed)} if draws is None else {"draws": draws}
         start = time.perf_counter()
         if self.spec.is_pipeline:
-            if draws is None:  # the official code draws with a generator on the model's device
-                draws_kwargs = {"generator": torch.Generator(self.device).manual_seed(seed)}
-            else:
-                draws_kwargs = {"draws": draws}
             output = self.pipe(prompt, disable_progress_bar=True, output_type="np", **draws_kwargs, **options)
             seconds = time.perf_counter() - start
             stages = dict(self.clock.seconds) if instrument else {}
             calls = {k: {"calls": self.clock.calls[k], "seconds": v} for k, v in self.clock.seconds.items()}
         else:
-            output = self.runner(prompt, seed=None if draws is not None else seed, draws=draws,
-                                 return_timings=instrument, **options)
+            output = self.runner(prompt, **draws_kwargs, return_timings=instrument, **options)
             seconds = time.perf_counter() - start
             stages = dict(output.timings or {})
             calls = {k: {"calls": self.graph_clock.calls[k], "seconds": v} for k, v in self.graph_clock.seconds.items()}
