@@ -265,10 +265,15 @@ def test_a_one_latent_video_is_written_once_as_a_png(tiny_t2v, tmp_path, capsys)
 def _interrupt(args, stream: str):
     """Start a command, wait until it prints its first line on `stream` (it is working), press Ctrl-C.
     -> exit status, the first line, the rest of stdout, the rest of stderr."""
-    # a terminal's Ctrl-C: SIGINT at its default in the child, even when the suite itself runs where it is ignored
-    # (a background job of a non-interactive shell, which the child would inherit)
-    process = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A terminal's Ctrl-C: SIGINT at its default in the child, even when the suite runs where it is ignored (a
+    # background job of a non-interactive shell), which the child would inherit. A caught signal is reset to its
+    # default at exec, so the parent catches it while it starts the child. (Not a preexec_fn: Python code between
+    # fork and exec crashed the child in a worker whose Ray client had gRPC threads running.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         first = getattr(process, stream).readline()
         assert first, process.communicate()[1]
