@@ -63,9 +63,12 @@ def guidance_tokens(model: NOVATransformer3DModel, tokens: torch.Tensor, raw_bos
     return torch.where(raw_bos.view(-1, 1, 1), model.mask_embed.bos_token.to(tokens.dtype), tokens)
 
 
-def _raw_bos_sample(g: Geometry) -> torch.Tensor:
-    """`raw_bos` as an image-guidance request feeds it."""
-    return torch.from_numpy(GuidancePlan(scale=2, image_scale=1).raw_bos(g.blocks, g.batch))
+def _with_raw_bos(sample: dict[str, torch.Tensor], g: Geometry) -> dict[str, torch.Tensor]:
+    """A temporal graph's sample inputs with `raw_bos` where the build has three guidance blocks, as an
+    image-guidance request feeds it."""
+    if g.blocks == 3:
+        sample["raw_bos"] = torch.from_numpy(GuidancePlan(scale=2, image_scale=1).raw_bos(g.blocks, g.batch))
+    return sample
 
 
 class TemporalPrefillGraph(GraphModule):
@@ -116,9 +119,7 @@ def temporal_prefill_spec(ctx: GraphContext) -> GraphSpec:
                "frame_position": torch.zeros(1)}
         if g.has_motion:
             out["motion_flow"] = torch.rand(M, generator=gen) * 9 + 1
-        if g.blocks == 3:
-            out["raw_bos"] = _raw_bos_sample(g)
-        return out
+        return _with_raw_bos(out, g)
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
@@ -186,9 +187,7 @@ def temporal_step_spec(ctx: GraphContext) -> GraphSpec | None:
                "k_cache": cache(), "v_cache": cache(), "cache_length": torch.tensor([length])}
         if g.has_mixer:
             out["anchor"] = randn((M, Nv, g.width), gen, ctx.dtype(name))
-        if g.blocks == 3:
-            out["raw_bos"] = _raw_bos_sample(g)
-        return out
+        return _with_raw_bos(out, g)
 
     return GraphSpec(
         name=name, precision=ctx.precisions[name],
