@@ -41,7 +41,7 @@ def test_each_graph_compiles_under_its_own_freezing_setting(tiny_t2i):
                                      ("fp32", "spatial", True), ("bf16", "denoise_loop", True)):
         compiled = Compiled(torch.nn.Identity(), specs[precision][graph])
         compiled.function = lambda **inputs: seen.append(inductor.freezing)  # what a compiling call reads
-        compiled(x=torch.zeros(1))
+        compiled(**specs[precision][graph].sample({}, torch.Generator().manual_seed(0)))
         assert seen.pop() is frozen and inductor.freezing == before, (precision, graph)
 
 
@@ -69,3 +69,32 @@ def test_an_engine_folder_compiles_on_the_torch_backend_only(t2i_engines):
     for backend in ("auto", "onnxruntime"):
         with pytest.raises(ValueError, match=f"compile=True needs backend='torch'.*got backend='{backend}'"):
             NOVARunner.from_engines(t2i_engines, backend=backend, compile=True)
+
+
+def test_declared_dynamic_dims_compile_once(tiny_t2i, monkeypatch):
+    """The spatial graph's known-token slots change with the bucket; marked dynamic on the first call, they compile
+    one graph, where torch would compile a static one and then, at the next bucket, a dynamic one. Dynamo's real
+    guards, inductor's codegen left out (backend="eager": seconds, not a C++ build)."""
+    from torch._dynamo.utils import counters
+
+    from runtime.backends.torch_backend import Compiled
+
+    specs = build_specs(CheckpointConfigs.read(tiny_t2i), BuildProfile(min_mask_steps=4), "fp32")
+    spec = specs["spatial"]
+    assert [t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)] == ["known_ids"]
+
+    class Slots(torch.nn.Module):  # what the size of known_ids changes: the number of gathered tokens
+        def forward(self, known_ids, **others):
+            return known_ids.float().mean(dim=1) * known_ids.shape[1]
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compile(module, backend="eager"))
+    for marked, graphs in ((True, 1), (False, 2)):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = Compiled(Slots(), spec)
+        compiled.marked = not marked  # False: as before the marking, torch's own recompile at a new shape
+        for slots in (2, 4, 6):
+            inputs = {t.name: torch.zeros(t.concrete({"known_slots": slots}), dtype=t.torch_dtype) for t in spec.inputs}
+            assert compiled(**inputs).tolist() == [0.0] * inputs["known_ids"].shape[0]
+        assert counters["frames"]["ok"] == graphs, marked
