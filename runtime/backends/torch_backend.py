@@ -23,10 +23,12 @@ encoder, temporal prefill, VAE) stay eager: 30-100 s of compilation each buys mi
 graphs replay the compiled kernels (inductor's own CUDA graphs stay off: the captures above are this backend's). Measured on the 2-CPU Intel host (AVX-512 / AMX; mid-t2i,
 2 threads, benchmarks/results/2026-12-03-cpu2-intel): spatial 80 -> 73 ms per call in fp32 and 45 -> 33 ms in
 bf16, denoise_loop 13 -> 8.6 ms (fp32) and 23 -> 9.4 ms (bf16), after 15-100 s of compilation per graph; off by
-default for that cost. On CUDA it has not run.
+default for that cost. On CUDA (one H200, 2026-12-04, benchmarks/results/2026-12-04-h200): tiny-t2i compiled in 38 s
+and replayed its captures; at full size (d48w1024) the compilation had not ended after 5 minutes.
 
-Status: the CUDA path is written against torch's documented API and NOT run yet (no GPU here); its
-host logic is tested on CPU with a recording stand-in for the capture (tests/test_cuda_graph_logic.py).
+Status: the CUDA path ran on an H200 on tiny-t2i only (eager and compiled; every capture succeeded); its pixels
+there and its full-size timings are unmeasured. Its host logic is tested on CPU with a recording stand-in for the
+capture (tests/test_cuda_graph_logic.py).
 """
 
 from __future__ import annotations
