@@ -10,7 +10,7 @@
 #                 lease's first call (benchmarks/README.md, GPU), while the ONNX Runtime wheel is still travelling
 #   t2i-latency   d48w1024-sdxl1024, 1024x1024: reference:fp16, torch:fp16, onnxruntime:fp16 (and official:fp16 with
 #                 OFFICIAL); 1 warm-up + REPS runs. inductor:fp16 (TARGETS=...) needs a lease of its own: its warm-up,
-#                 which compiles, had not ended 5 min into it on the H200 (2026-12-04)
+#                 which compiles, had not ended when a 560 s call stopped on the H200 (2026-12-04)
 #   t2v-latency   d48w1024-osp480, 480x768, 9 latents = 33 frames: reference:fp16, torch:fp16; 1 warm-up + REPS_VIDEO
 #                 runs, stage timings from the same runs (a video takes ~35 s: separate runs do not fit)
 #   t2i-parity    parity.py on d48w1024-sdxl1024 against the fp32 reference (does not fit the same lease)

@@ -24,7 +24,8 @@ graphs replay the compiled kernels (inductor's own CUDA graphs stay off: the cap
 2 threads, benchmarks/results/2026-12-03-cpu2-intel): spatial 80 -> 73 ms per call in fp32 and 45 -> 33 ms in
 bf16, denoise_loop 13 -> 8.6 ms (fp32) and 23 -> 9.4 ms (bf16), after 15-100 s of compilation per graph; off by
 default for that cost. On CUDA (one H200, 2026-12-04, benchmarks/results/2026-12-04-h200): tiny-t2i compiled in 38 s
-and replayed its captures; at full size (d48w1024) the compilation had not ended after 5 minutes.
+and replayed its captures; at full size (d48w1024) the compilation had not ended when a 560 s benchmark call
+stopped (how long it took alone is unknown).
 
 Status: the CUDA path ran on an H200 on tiny-t2i only (eager and compiled; every capture succeeded); its pixels
 there and its full-size timings are unmeasured. Its host logic is tested on CPU with a recording stand-in for the
