@@ -10,7 +10,8 @@ static shapes runs like this in every GPU backend:
   run twice more);
 - each distinct set of addresses (`launch_key`) is captured once and replayed from then on
   (`Captures`); a graph whose capture fails runs eagerly from then on, with a warning.
-Graphs with a dynamic dim run eagerly. Nothing here touches CUDA: each backend brings its copies and
+A graph whose outputs have a dynamic dim runs eagerly; one whose dynamic dims are its inputs' alone (the spatial
+graph's known-token slots, a few bucket sizes) can be staged per input shape and captured once per shape. Nothing here touches CUDA: each backend brings its copies and
 its capture (cuda-python for TensorRT, ONNX Runtime's own `gpu_graph_id` captures, `torch.cuda.CUDAGraph`).
 """
 
@@ -48,28 +49,31 @@ def _describe(value) -> str:
 
 
 class InputStaging:
-    """Fixed input buffers of one static-shape graph, so that its launches bind fixed addresses.
-    `allocate(value)` makes a buffer of the value's shape and dtype (once per input); `copy(buffer,
-    value)` queues a copy of the value's content into it (device to device, or from a host array, which
-    has no serial and is therefore copied on every call)."""
+    """Fixed input buffers of one graph, so that its launches bind fixed addresses.
+    `allocate(value)` makes a buffer of the value's shape and dtype (once per input, and per shape for the
+    inputs named in `dynamic`, so that each shape is captured at addresses of its own); `copy(buffer, value)`
+    queues a copy of the value's content into it (device to device, or from a host array, which has no serial
+    and is therefore copied on every call)."""
 
-    def __init__(self, allocate: Callable[[Any], Any], copy: Callable[[Any, Any], None]):
-        self.allocate, self.copy = allocate, copy
-        self.buffers: dict[str, Any] = {}
-        self.holds: dict[str, int | None] = {}  # input -> serial of the content its buffer holds
+    def __init__(self, allocate: Callable[[Any], Any], copy: Callable[[Any, Any], None],
+                 dynamic: frozenset[str] = frozenset()):
+        self.allocate, self.copy, self.dynamic = allocate, copy, dynamic
+        self.buffers: dict[Any, Any] = {}  # input, or (input, its shape) for a dynamic one -> buffer
+        self.holds: dict[Any, int | None] = {}  # the same keys -> serial of the content the buffer holds
 
     def bind(self, name: str, value) -> Any:
         if getattr(value, "graph_output", False):
             return value
-        buffer = self.buffers.get(name)
+        slot = (name, _describe(value)) if name in self.dynamic else name
+        buffer = self.buffers.get(slot)
         if buffer is None:
-            buffer = self.buffers[name] = self.allocate(value)
+            buffer = self.buffers[slot] = self.allocate(value)
         if _describe(buffer) != _describe(value):
             raise ValueError(f"input {name}: {_describe(value)} where the engine takes {_describe(buffer)}")
         serial = getattr(value, "serial", None)
-        if serial is None or self.holds.get(name) != serial:
+        if serial is None or self.holds.get(slot) != serial:
             self.copy(buffer, value)
-            self.holds[name] = serial
+            self.holds[slot] = serial
         return buffer
 
 
