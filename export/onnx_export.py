@@ -101,15 +101,13 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: str | os.PathLi
         with torch.no_grad(), _quiet():
             if exporter == "dynamo":
                 dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in spec.dims.items()}
-                shapes = tuple({axis: dims[s] for axis, s in enumerate(t.shape) if isinstance(s, str)} or None
-                               for t in spec.inputs)
+                shapes = tuple({axis: dims[s] for axis, s in t.dynamic_axes.items()} or None for t in spec.inputs)
                 torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
                                   dynamic_shapes={"inputs": shapes} if spec.dims else None, dynamo=True, external_data=True,
                                   opset_version=opset, optimize=True, verbose=False,
                                   custom_translation_table=_translations(spec))
             else:
-                axes = {t.name: {axis: s for axis, s in enumerate(t.shape) if isinstance(s, str)}
-                        for t in (*spec.inputs, *spec.outputs)}
+                axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
                 torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
                                   dynamic_axes={k: v for k, v in axes.items() if v} or None, dynamo=False,
                                   opset_version=min(opset, 20), do_constant_folding=True)

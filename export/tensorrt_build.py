@@ -88,7 +88,7 @@ def _profile_shapes(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], tuple[i
     """min/opt/max shape of every input that has a dynamic dim."""
     shapes = {}
     for t in spec.inputs:
-        if any(isinstance(s, str) for s in t.shape):
+        if t.dynamic_axes:
             shapes[t.name] = tuple(t.concrete(spec.dims_at(point)) for point in ("min", "opt", "max"))
     return shapes
 

@@ -11,8 +11,9 @@ static shapes runs like this in every GPU backend:
 - each distinct set of addresses (`launch_key`) is captured once and replayed from then on
   (`Captures`); a graph whose capture fails runs eagerly from then on, with a warning.
 A graph whose outputs have a dynamic dim runs eagerly; one whose dynamic dims are its inputs' alone (the spatial
-graph's known-token slots, a few bucket sizes) can be staged per input shape and captured once per shape. Nothing here touches CUDA: each backend brings its copies and
-its capture (cuda-python for TensorRT, ONNX Runtime's own `gpu_graph_id` captures, `torch.cuda.CUDAGraph`).
+graph's known-token slots, a few bucket sizes) can be staged per input shape and captured once per shape.
+Nothing here touches CUDA: each backend brings its copies and its capture (cuda-python for TensorRT, ONNX
+Runtime's own `gpu_graph_id` captures, `torch.cuda.CUDAGraph`).
 """
 
 from __future__ import annotations
@@ -64,12 +65,13 @@ class InputStaging:
     def bind(self, name: str, value) -> Any:
         if getattr(value, "graph_output", False):
             return value
-        slot = (name, _describe(value)) if name in self.dynamic else name
+        described = _describe(value)
+        slot = (name, described) if name in self.dynamic else name
         buffer = self.buffers.get(slot)
         if buffer is None:
             buffer = self.buffers[slot] = self.allocate(value)
-        if _describe(buffer) != _describe(value):
-            raise ValueError(f"input {name}: {_describe(value)} where the engine takes {_describe(buffer)}")
+        if _describe(buffer) != described:
+            raise ValueError(f"input {name}: {described} where the engine takes {_describe(buffer)}")
         serial = getattr(value, "serial", None)
         if serial is None or self.holds.get(slot) != serial:
             self.copy(buffer, value)

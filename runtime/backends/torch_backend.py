@@ -10,9 +10,9 @@ mask step's whole diffusion loop is one replay of denoise_loop (at another step 
 replay per diffusion step and one of place) plus the copies of the inputs that changed. The spatial
 graph's one dynamic dim is an input's (the known-token slots): its inputs are staged per shape, so each
 bucket is captured once (eager, the runner's spatial call took 29.5 ms at full size on the H200 of 2026-11-28,
-the reference's 23.6 ms; the capture per bucket has not run on a GPU yet). Graphs whose outputs have a dynamic dim (text encoder, video
-VAE) run eagerly; their outputs are fresh tensors, stamped so that a static graph stages each once. All captures share one memory pool: every captured graph
-runs on the one stream, never two at once, and what outlives a replay (output and staging buffers)
+the reference's 23.6 ms; the capture per bucket has not run on a GPU yet). Graphs whose outputs have a dynamic
+dim (text encoder, video VAE) run eagerly; their outputs are fresh tensors, stamped so that a static graph
+stages each once. All captures share one memory pool: every captured graph runs on the one stream, never two at once, and what outlives a replay (output and staging buffers)
 is allocated outside the pool. Everything is queued on torch's current stream; the host waits for the
 device only where torch does (uploads from pageable memory, downloads) and once per capture.
 
@@ -96,7 +96,7 @@ class Compiled:
         # dynamic-shape compile, not a static one and, at the next bucket, a dynamic one. Measured (mid-t2i, 2 threads,
         # cold cache, AMD host, 2026-12-04): the spatial graph compiles 33 s once against 28 + 21 s; 7.3-7.4 s per request
         # after, both ways, the same pixels.
-        self.dynamic = {t.name: [i for i, d in enumerate(t.shape) if isinstance(d, str)] for t in spec.inputs}
+        self.dynamic = {t.name: list(t.dynamic_axes) for t in spec.inputs if t.dynamic_axes}
         self.marked = False
 
     def __call__(self, **inputs: torch.Tensor) -> Any:
@@ -109,10 +109,6 @@ class Compiled:
             self.marked = True
         with inductor.patch(freezing=self.freezing):
             return self.function(**inputs)
-
-
-def _dynamic_inputs(spec: GraphSpec) -> frozenset[str]:
-    return frozenset(t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape))
 
 
 class TorchBackend(Backend):
@@ -139,12 +135,12 @@ class TorchBackend(Backend):
     def _use_cuda_graphs(self, captures: cuda_graphs.Captures) -> None:
         """Stage, buffer and capture every graph whose outputs have static shapes (inputs with a dynamic dim are
         staged per shape, each shape captured once)."""
-        static = [name for name, spec in self.specs.items()
-                  if all(isinstance(d, int) for t in spec.outputs for d in t.shape)]
+        static = [name for name, spec in self.specs.items() if not any(t.dynamic_axes for t in spec.outputs)]
         self.captures = captures
         self.staging = {name: cuda_graphs.InputStaging(lambda value: torch.empty_like(value),
                                                        lambda buffer, value: buffer.copy_(value),
-                                                       dynamic=_dynamic_inputs(self.specs[name]))
+                                                       dynamic=frozenset(t.name for t in self.specs[name].inputs
+                                                                         if t.dynamic_axes))
                         for name in static}
         self.static_outputs = {name: {t.name: (t.shape, t.torch_dtype) for t in self.specs[name].outputs}
                                for name in static}

@@ -69,6 +69,11 @@ class TensorSpec:
             if isinstance(entry, str):
                 size_expression(entry)  # refused at declaration, not at first use
 
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """axis -> its dynamic dim's name (or expression), for the axes that are not fixed sizes."""
+        return {axis: d for axis, d in enumerate(self.shape) if isinstance(d, str)}
+
     def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
         """Sizes for given dynamic dims."""
         return tuple(d if isinstance(d, int) else _size(size_expression(d), dims, d) for d in self.shape)
